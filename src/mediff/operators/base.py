@@ -1,0 +1,145 @@
+"""Linear operators y = A x for imaging inverse problems.
+
+An operator is immutable: everything that defines it (masks, coil maps, angles) is fixed at
+construction. ``A`` maps an image batch to measurements, ``AH`` is the exact adjoint (conjugate
+transpose) with respect to the real inner product Re<u, v> summed over all elements except the batch
+dimension. Complex data use native complex dtypes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def inner(u: Tensor, v: Tensor) -> Tensor:
+    """Per-item inner product <u, v> = sum conj(u) v over all non-batch dims. Shape (B,)."""
+    return (u.conj() * v).flatten(1).sum(1) if u.is_complex() or v.is_complex() else (u * v).flatten(1).sum(1)
+
+
+class LinearOperator:
+    """Base class: subclasses implement ``A`` and ``AH``; ``normal`` may be overridden for speed."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Operators are immutable once built; subclasses set fields in __init__ via object.__setattr__
+        # (see ``_set``) so that a mask or coil map cannot be swapped under a running solver.
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def _set(self, **fields: object) -> None:
+        for k, v in fields.items():
+            object.__setattr__(self, k, v)
+
+    def A(self, x: Tensor) -> Tensor:  # noqa: N802 - A is the conventional name
+        raise NotImplementedError
+
+    def AH(self, y: Tensor) -> Tensor:  # noqa: N802
+        raise NotImplementedError
+
+    def normal(self, x: Tensor) -> Tensor:
+        """A^H A x."""
+        return self.AH(self.A(x))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.A(x)
+
+    def __matmul__(self, other: "LinearOperator") -> "LinearOperator":
+        return Composed(self, other)
+
+    @property
+    def H(self) -> "LinearOperator":  # noqa: N802
+        return Adjoint(self)
+
+
+class Composed(LinearOperator):
+    """(outer @ inner)(x) = outer(inner(x))."""
+
+    def __init__(self, outer: LinearOperator, inner_op: LinearOperator) -> None:
+        self._set(outer=outer, inner_op=inner_op)
+
+    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+        return self.outer.A(self.inner_op.A(x))
+
+    def AH(self, y: Tensor) -> Tensor:  # noqa: N802
+        return self.inner_op.AH(self.outer.AH(y))
+
+
+class Adjoint(LinearOperator):
+    """The adjoint operator A^H as an operator in its own right."""
+
+    def __init__(self, op: LinearOperator) -> None:
+        self._set(op=op)
+
+    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+        return self.op.AH(x)
+
+    def AH(self, y: Tensor) -> Tensor:  # noqa: N802
+        return self.op.A(y)
+
+
+class Identity(LinearOperator):
+    """Identity (denoising as an inverse problem)."""
+
+    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+        return x
+
+    def AH(self, y: Tensor) -> Tensor:  # noqa: N802
+        return y
+
+
+class Matrix(LinearOperator):
+    """Dense matrix acting on flattened items: x (B, n) -> y (B, m). For tests and toy problems."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        self._set(matrix=matrix.clone())
+
+    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+        dt = torch.promote_types(x.dtype, self.matrix.dtype)
+        return x.to(dt) @ self.matrix.to(dt).T
+
+    def AH(self, y: Tensor) -> Tensor:  # noqa: N802
+        dt = torch.promote_types(y.dtype, self.matrix.dtype)
+        return y.to(dt) @ self.matrix.to(dt).conj()
+
+
+def adjoint_check(op: LinearOperator, x: Tensor, generator: torch.Generator | None = None) -> float:
+    """Relative adjointness error |<Ax, y> - <x, A^H y>| / (||Ax|| ||y||) for random y.
+
+    ``x`` fixes the input shape and dtype (use complex128 for tests). Returns the worst item's error.
+    """
+    ax = op.A(x)
+    y = torch.randn(ax.shape, dtype=ax.dtype, device=ax.device, generator=generator)
+    lhs = inner(ax, y)
+    rhs = inner(x, op.AH(y))
+    scale = ax.flatten(1).norm(dim=1) * y.flatten(1).norm(dim=1)
+    return float(((lhs - rhs).abs() / scale.clamp_min(torch.finfo(scale.dtype).tiny)).max())
+
+
+def conjugate_gradient(
+    normal: Callable[[Tensor], Tensor], rhs: Tensor, x0: Tensor, iters: int, tol: float = 0.0
+) -> Tensor:
+    """Solve normal(x) = rhs for a Hermitian positive (semi-)definite ``normal``, batched per item.
+
+    Runs at most ``iters`` iterations from ``x0``; items whose residual drops below ``tol * ||rhs||``
+    stop updating. Shared by DDS data consistency and the compressed-sensing baselines.
+    """
+    x = x0
+    r = rhs - normal(x)
+    p = r
+    rs = inner(r, r).real
+    stop = tol * inner(rhs, rhs).real.sqrt()
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    for _ in range(iters):
+        if bool((rs.sqrt() <= stop).all()):
+            break
+        ap = normal(p)
+        denom = inner(p, ap).real
+        alpha = torch.where(denom > 0, rs / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(rs))
+        x = x + alpha.view(shape).to(x.dtype) * p
+        r = r - alpha.view(shape).to(r.dtype) * ap
+        rs_new = inner(r, r).real
+        beta = torch.where(rs > 0, rs_new / rs.clamp_min(torch.finfo(rs.dtype).tiny), torch.zeros_like(rs))
+        p = r + beta.view(shape).to(r.dtype) * p
+        rs = rs_new
+    return x
