@@ -1,0 +1,165 @@
+"""The ``mediff`` command line (typer + rich).
+
+Every user-input problem surfaces as a ``MediffError``: one line on stderr, exit code 2, never a
+traceback (``--debug`` shows it). Output folders are built in a temporary sibling and renamed into
+place, so a failed command leaves nothing half-written; an existing output needs ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+
+from mediff import __version__
+from mediff.errors import MediffError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Diffusion models for medical imaging: train, sample, reconstruct, evaluate, audit.")
+console = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mediff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+@contextmanager
+def output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder that replaces ``out`` only if the body succeeds."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise MediffError(f"{out} exists: pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+
+
+@app.command()
+def info(path: Path = typer.Argument(..., help="NIfTI, DICOM file or folder, PNG/TIFF, NPY/NPZ or HDF5.")) -> None:
+    """Shape, dtype, spacing, modality and value range of a medical image or k-space file."""
+    from mediff.io import describe
+
+    d = describe(path)
+    for k, v in d.items():
+        print(f"{k:>14}: {v}")
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., help="NPZ with 'images' (+ 'subject_index'), or a folder of NIfTI/DICOM/PNG."),
+    out: Path = typer.Option(..., help="Run folder: checkpoints, logs and plots."),
+    size: int = typer.Option(128, help="Image side in pixels (images are padded or downsampled)."),
+    steps: int = typer.Option(100_000, help="Total optimiser steps."),
+    batch: int = typer.Option(16, help="Global batch size (split across torchrun processes)."),
+    lr: float = typer.Option(2e-4, help="AdamW learning rate."),
+    covariates: Optional[Path] = typer.Option(None, help="CSV: subject id, then covariate columns (e.g. Age, Sex)."),
+    val_subjects: int = typer.Option(20, help="Subjects held out for validation."),
+    checkpoint_every: int = typer.Option(200, help="Steps between checkpoints."),
+    val_every: int = typer.Option(1000, help="Steps between validation runs."),
+    seed: int = typer.Option(0, help="Seed of the data order, noise and split."),
+    channels: str = typer.Option("32,64,128,160", help="UNet channels per level (comma-separated)."),
+    blocks: str = typer.Option("1,1,1,2", help="Residual blocks per level (comma-separated)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train a diffusion prior (EDM loss, EMA, AdamW). Under torchrun, trains with DDP."""
+    from mediff.train import TrainConfig, train as run
+
+    from mediff.nets import UNetConfig
+
+    ch, bl = _ints(channels, "--channels"), _ints(blocks, "--blocks")
+    if len(ch) != len(bl):
+        raise MediffError("--channels and --blocks need one entry per level")
+    net = UNetConfig(channels=ch, blocks=bl, attention_levels=(len(ch) - 1,))
+    cfg = TrainConfig(size=size, batch=batch, steps=steps, lr=lr, n_val_subjects=val_subjects,
+                      checkpoint_every=checkpoint_every, val_every=val_every, seed=seed, net=net.to_dict())
+    trainer = run(data, out, cfg, covariates=covariates, resume=resume, progress=progress)
+    if trainer.rank == 0:
+        console.print(f"[green]done[/]: step {trainer.step}, prior at {Path(out) / 'prior.safetensors'}")
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise MediffError(f"{name} takes comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise MediffError(f"{name} needs positive integers, got {text!r}")
+    return vals
+
+
+@app.command()
+def sample(
+    model: str = typer.Option("brain-t1", help="Built-in prior name or checkpoint path."),
+    n: int = typer.Option(16, help="Number of images."),
+    steps: int = typer.Option(50, help="Sampler steps."),
+    sampler: str = typer.Option("heun", help="heun | ddim | ddpm | dpmpp2m | pc."),
+    seed: int = typer.Option(0, help="Random seed."),
+    out: Path = typer.Option(..., help="Output folder."),
+    age: Optional[float] = typer.Option(None, help="Condition on age (years), if the prior knows it."),
+    sex: Optional[str] = typer.Option(None, help="Condition on sex (M/F), if the prior knows it."),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance weight (1 = plain conditional)."),
+    dicom: bool = typer.Option(False, "--dicom", help="Also write a DICOM series."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Draw synthetic images from a prior: PNG grid, NIfTI stack and NPZ (and DICOM with --dicom)."""
+    from mediff.synthesis import sample_images, write_samples
+
+    images, meta = sample_images(model, n=n, steps=steps, sampler=sampler, seed=seed, age=age, sex=sex,
+                                 guidance=guidance)
+    with output_dir(out, overwrite) as tmp:
+        write_samples(tmp, images, meta, dicom=dicom)
+    console.print(f"[green]wrote[/] {n} samples to {out}")
+
+
+@app.command()
+def demo() -> None:
+    """Run mediff's main job on built-in real data (MRI reconstruction from undersampled k-space)."""
+    from mediff.demo import run_demo
+
+    run_demo()
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one-line messages.
+
+    Typer's standalone mode already prints usage errors in one line and exits 2 via SystemExit.
+    """
+    try:
+        app()
+    except MediffError as exc:
+        if _state["debug"]:
+            raise
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - last line of defence: no traceback for users
+        if _state["debug"]:
+            raise
+        console.print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for details)",
+                      highlight=False, soft_wrap=True)
+        sys.exit(1)

@@ -1,0 +1,216 @@
+"""Training data: 2D slices with subject labels (for subject-level splits) and optional covariates.
+
+Every slice is normalised on its own: 0 stays 0 and the slice's 99.5th percentile becomes 1
+(``mediff.io.Normalization`` with kind "percentile"), the unit every prior works in.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mediff.errors import MediffError
+
+PERCENTILE = 99.5
+
+
+@dataclass
+class SliceSet:
+    """images (N, 1, S, S) float32 in normalised units; subjects (N,) str; covariates (N, K) or None."""
+
+    images: Tensor
+    subjects: np.ndarray
+    covariates: Tensor | None
+    covariate_spec: dict | None
+    fingerprint: str
+    source: str
+
+    def subset(self, idx: np.ndarray) -> "SliceSet":
+        t = torch.as_tensor(idx, dtype=torch.long)
+        cov = self.covariates[t] if self.covariates is not None else None
+        return SliceSet(self.images[t], self.subjects[idx], cov, self.covariate_spec, self.fingerprint, self.source)
+
+
+def percentile_scale(images: np.ndarray) -> np.ndarray:
+    """Per-slice 99.5th percentile (N,), floored so empty slices do not blow up noise."""
+    flat = images.reshape(len(images), -1).astype(np.float32)
+    p = np.percentile(flat, PERCENTILE, axis=1)
+    floor = max(float(np.median(p)) * 0.05, 1e-6)
+    return np.maximum(p, floor)
+
+
+def fit_to_size(images: Tensor, size: int) -> Tensor:
+    """Zero-pad (centred) or area-downsample (N, 1, H, W) to (N, 1, size, size), keeping aspect ratio."""
+    n, _, h, w = images.shape
+    if max(h, w) > size:
+        f = size / max(h, w)
+        images = F.interpolate(images, size=(max(1, round(h * f)), max(1, round(w * f))), mode="area")
+        h, w = images.shape[-2:]
+    ph, pw = size - h, size - w
+    return F.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+
+def _fingerprint(arrays: list[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_slices(path: Path, size: int, covariates: Path | None = None, min_foreground: float = 0.05) -> SliceSet:
+    """Load 2D training slices from an NPZ (``images`` + optional ``subject_index``/``subject_ids``),
+    a folder of NIfTI volumes (axial slices), a DICOM series folder, or a folder of PNG/TIFF files.
+
+    Slices with less than ``min_foreground`` of pixels above 10 % of their 99.5th percentile are
+    dropped (they are mostly background and teach the prior nothing).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MediffError(f"training data not found: {path}")
+    if path.suffix == ".npz":
+        raw, subjects = _from_npz(path)
+    elif path.is_dir():
+        raw, subjects = _from_folder(path)
+    else:
+        raise MediffError(f"unsupported training data {path}: give an .npz or a folder of NIfTI/DICOM/PNG files")
+    scale = percentile_scale(raw)
+    x = raw.astype(np.float32) / scale[:, None, None]
+    keep = (x > 0.1).mean(axis=(1, 2)) >= min_foreground
+    if not keep.any():
+        raise MediffError(f"no usable slices in {path} (all below {min_foreground:.0%} foreground)")
+    x, subjects = x[keep], subjects[keep]
+    images = fit_to_size(torch.from_numpy(x)[:, None], size)
+    cov, spec = (None, None)
+    if covariates is not None:
+        cov, spec = encode_covariates(covariates, subjects)
+    return SliceSet(images, subjects, cov, spec, _fingerprint([raw[keep]]), str(path))
+
+
+def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        d = np.load(path, allow_pickle=False)
+        if "images" not in d.files:
+            raise MediffError(f"{path} has no 'images' array (found: {', '.join(d.files)})")
+        images = d["images"]
+        if "subject_index" in d.files and "subject_ids" in d.files:
+            subjects = d["subject_ids"][d["subject_index"]].astype(str)
+        elif "subject_index" in d.files:
+            subjects = d["subject_index"].astype(str)
+        else:
+            raise MediffError(f"{path} has no 'subject_index': a subject-level split is impossible")
+    except (OSError, ValueError) as exc:
+        raise MediffError(f"cannot read {path}: {exc}") from exc
+    if images.ndim != 3:
+        raise MediffError(f"{path}: 'images' must be (N, H, W), got {images.shape}")
+    return images, subjects
+
+
+def _from_folder(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Slices from a folder: each NIfTI/PNG/TIFF/NPY file and each DICOM-series subfolder is one
+    subject; a folder of DICOM files is a single series (one subject)."""
+    from mediff import io
+
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    if not entries:
+        raise MediffError(f"empty folder: {path}")
+    files = [p for p in entries if p.is_file()]
+    kinds = {p: _format_or_none(p) for p in files}
+    if files and all(k == "dicom" for k in kinds.values()):
+        vols = [(path.name, io.read_image(path))]
+    else:
+        vols = [(p.name.split(".")[0], io.read_image(p)) for p in files if kinds[p] in _SLICE_FORMATS]
+        vols += [(p.name, io.read_image(p)) for p in entries if p.is_dir()]
+    if not vols:
+        raise MediffError(f"no NIfTI, DICOM, PNG/TIFF or NPY images in {path}")
+    slices, subjects = [], []
+    for name, img in vols:
+        arr = np.asarray(img.array, dtype=np.float32)
+        stack = arr[None] if arr.ndim == 2 else np.moveaxis(arr, 2, 0)  # volumes: slices along axis 2
+        slices.extend(stack)
+        subjects.extend([name] * len(stack))
+    side = max(max(s.shape) for s in slices)
+    slices = [np.pad(s, [(0, side - s.shape[0]), (0, side - s.shape[1])]) for s in slices]
+    return np.clip(np.stack(slices), 0, None), np.asarray(subjects)
+
+
+_SLICE_FORMATS = {"nifti", "png", "tiff", "npy", "dicom"}
+
+
+def _format_or_none(p: Path) -> str | None:
+    from mediff import io
+
+    try:
+        return io.detect_format(p)
+    except MediffError:
+        return None  # e.g. a README or CSV next to the images
+
+
+def encode_covariates(csv_path: Path, subjects: np.ndarray) -> tuple[Tensor, dict]:
+    """Covariate vectors for each slice from a CSV whose first column is the subject id.
+
+    Layout: [present, numeric columns standardised..., one-hot of categorical columns...]. Subjects
+    missing from the CSV get the zero vector, which is also the classifier-free-guidance null token.
+    """
+    rows = _read_csv(csv_path)
+    spec = covariate_spec(rows)
+    vecs = {sid: encode_row(row, spec) for sid, row in rows.items()}
+    zero = np.zeros(spec["dim"], np.float32)
+    mat = np.stack([vecs.get(str(s), zero) for s in subjects])
+    return torch.from_numpy(mat), spec
+
+
+def _read_csv(path: Path) -> dict[str, dict[str, str]]:
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            key = reader.fieldnames[0] if reader.fieldnames else None
+            if key is None:
+                raise MediffError(f"{path}: empty CSV")
+            return {r[key]: {k: v for k, v in r.items() if k != key} for r in reader}
+    except OSError as exc:
+        raise MediffError(f"cannot read covariates {path}: {exc}") from exc
+
+
+def covariate_spec(rows: dict[str, dict[str, str]]) -> dict:
+    """Decide per column: numeric (mean/std) or categorical (sorted levels)."""
+    columns: dict[str, dict] = {}
+    names = next(iter(rows.values())).keys() if rows else []
+    for col in names:
+        vals = [r[col] for r in rows.values() if r.get(col, "") != ""]
+        try:
+            num = np.array([float(v) for v in vals])
+            columns[col] = {"kind": "numeric", "mean": float(num.mean()), "std": float(num.std() or 1.0)}
+        except ValueError:
+            columns[col] = {"kind": "categorical", "levels": sorted(set(vals))}
+    dim = 1 + sum(1 if c["kind"] == "numeric" else len(c["levels"]) for c in columns.values())
+    return {"columns": columns, "dim": dim}
+
+
+def encode_row(row: dict[str, str], spec: dict) -> np.ndarray:
+    """One covariate vector; unknown or empty values encode as 0 in their slots."""
+    out = [1.0]
+    for col, c in spec["columns"].items():
+        v = row.get(col, "")
+        if c["kind"] == "numeric":
+            out.append((float(v) - c["mean"]) / c["std"] if v != "" else 0.0)
+        else:
+            out.extend(1.0 if v == lev else 0.0 for lev in c["levels"])
+    return np.asarray(out, np.float32)
+
+
+def split_by_subject(subjects: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) with ``n_val`` whole subjects held out, chosen reproducibly from ``seed``."""
+    uniq = np.unique(subjects)
+    if n_val >= len(uniq):
+        raise MediffError(f"only {len(uniq)} subjects: cannot hold out {n_val} for validation")
+    rng = np.random.default_rng(seed)
+    val_subjects = set(rng.choice(uniq, size=n_val, replace=False).tolist())
+    is_val = np.array([s in val_subjects for s in subjects])
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)

@@ -1,0 +1,141 @@
+"""Denoisers: the one interface every sampler and solver uses.
+
+A denoiser is any callable ``D(x, sigma) -> x0_hat`` with ``x`` of shape (B, ...) and ``sigma`` of
+shape (B,) (noise standard deviation per item, in the data's units). It returns the estimate of the
+clean image E[x0 | x]. The score follows as ``(D(x, sigma) - x) / sigma**2`` (Tweedie). Networks are
+wrapped by a preconditioner (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+Generative Models", EDM, Table 1) or, for eps-prediction networks trained on a discrete VP schedule,
+by :class:`EpsAdapter`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """``D(x, sigma) -> x0_hat``; x (B, ...), sigma (B,)."""
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor: ...
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+class EDMPrecond(nn.Module):
+    """EDM preconditioning of a raw network ``F(c_in x, c_noise, cond)``.
+
+    D(x, s) = mean + c_skip (x - mean) + c_out F(c_in (x - mean), ln(s)/4), with
+    c_skip = sd^2/(s^2+sd^2), c_out = s sd / sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2).
+    ``sigma_data`` (sd) and ``data_mean`` are measured on the training data; subtracting the mean keeps
+    the EDM derivation (which assumes zero-mean data) valid for non-negative MR intensities.
+    ``cond`` is a covariate vector (B, K); zeros mean "unconditional".
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, data_mean: float = 0.0) -> None:
+        super().__init__()
+        self.net = net
+        self.sigma_data = float(sigma_data)
+        self.data_mean = float(data_mean)
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        sigma = sigma.to(x.dtype).reshape(-1).expand(x.shape[0])
+        s, sd = _bcast(sigma, x), self.sigma_data
+        c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / (s**2 + sd**2).sqrt()
+        c_in = 1 / (s**2 + sd**2).sqrt()
+        xc = x - self.data_mean
+        f = self.net(c_in * xc, sigma.log() / 4, cond)
+        return self.data_mean + c_skip * xc + c_out * f.to(x.dtype)
+
+
+class EpsAdapter(nn.Module):
+    """Turn an eps-prediction network trained on a discrete VP schedule into a denoiser.
+
+    The VP state x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps equals sqrt(a_t) (x0 + sigma eps) with
+    sigma = sqrt((1 - a_t)/a_t). So D(x, sigma) = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma)),
+    with t(sigma) interpolated (in log sigma) between the discrete steps. Works for MONAI's
+    ``DiffusionModelUNet`` (``net(x, timesteps)``).
+    """
+
+    def __init__(self, net: nn.Module, alphas_cumprod: Tensor) -> None:
+        super().__init__()
+        self.net = net
+        sig = ((1 - alphas_cumprod) / alphas_cumprod).sqrt().double()
+        self.register_buffer("log_sigmas", sig.log(), persistent=False)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.log_sigmas[0].exp())
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.log_sigmas[-1].exp())
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """Continuous timestep index for each sigma (clamped to the trained range)."""
+        ls = sigma.double().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        hi = torch.searchsorted(self.log_sigmas, ls).clamp(1, len(self.log_sigmas) - 1)
+        lo = hi - 1
+        w = (ls - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])
+        return lo.double() + w
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        sigma = sigma.to(x.dtype).reshape(-1).expand(x.shape[0])
+        s = _bcast(sigma, x)
+        t = self.timestep(sigma).to(x.dtype)
+        eps = self.net(x / (1 + s**2).sqrt(), t) if cond is None else self.net(x / (1 + s**2).sqrt(), t, cond)
+        return x - s * eps.to(x.dtype)
+
+
+def linear_beta_alphas_cumprod(n: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2) -> Tensor:
+    """DDPM's linear beta schedule (Ho et al. 2020) as cumulative alpha products, shape (n,)."""
+    betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+class GaussianDenoiser:
+    """Exact denoiser of the prior N(mu, s^2 I): D = (s^2 x + sigma^2 mu) / (s^2 + sigma^2).
+
+    The oracle for testing samplers and posterior solvers; ``mu`` broadcasts against x (B, ...).
+    """
+
+    def __init__(self, mu: Tensor | float, std: float) -> None:
+        self.mu = mu
+        self.var = float(std) ** 2
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        s2 = _bcast(sigma, x) ** 2
+        return (self.var * x + s2 * self.mu) / (self.var + s2)
+
+
+class CFGDenoiser:
+    """Classifier-free guidance (Ho & Salimans 2022): D_w = D(x|0) + w (D(x|c) - D(x|0)).
+
+    ``model(x, sigma, cond)`` is a conditional denoiser whose zero covariate vector is the null
+    condition; ``cond`` (B, K) is fixed at construction. w = 1 is plain conditional sampling.
+    """
+
+    def __init__(self, model: nn.Module, cond: Tensor, guidance: float = 1.0) -> None:
+        self.model, self.cond, self.guidance = model, cond, float(guidance)
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        if self.guidance == 1.0:
+            return self.model(x, sigma, self.cond)
+        both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([torch.zeros_like(self.cond), self.cond]))
+        uncond, cond = both.chunk(2)
+        return uncond + self.guidance * (cond - uncond)
+
+
+def edm_sigma_range(sigma_data: float) -> tuple[float, float]:
+    """Default (sigma_min, sigma_max) for data of std ``sigma_data``: EDM's 0.002..80 for sd = 0.5, scaled."""
+    return 0.002 * sigma_data / 0.5, 80.0 * sigma_data / 0.5
+
+
+__all__ = ["Denoiser", "EDMPrecond", "EpsAdapter", "GaussianDenoiser", "CFGDenoiser",
+           "linear_beta_alphas_cumprod", "edm_sigma_range"]

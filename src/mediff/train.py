@@ -1,0 +1,299 @@
+"""Training of 2D diffusion priors with the EDM loss (Karras et al. 2022, Sec. 5 and Table 1).
+
+Reproducibility: every step draws its batch indices, noise levels, noise and augmentation from a
+``torch.Generator`` seeded by (seed, step). Training is therefore a pure function of the seed and the
+step count, and ``resume`` continues exactly where the last checkpoint left off. The global RNG is
+never used. Under ``torchrun`` every rank builds the same global batch and takes its own share.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mediff.checkpoint import load_checkpoint, prefixed, save_checkpoint, split_prefix, to_dtype
+from mediff.data import SliceSet, load_slices, split_by_subject
+from mediff.denoiser import EDMPrecond, edm_sigma_range
+from mediff.errors import MediffError
+from mediff.nets import LeanUNet, UNetConfig
+
+VAL_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run (stored in the checkpoint; ``resume`` checks they match)."""
+
+    size: int = 128
+    batch: int = 16
+    steps: int = 100_000
+    lr: float = 2e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_halflife_images: float = 20_000.0
+    ema_rampup: float = 0.1  # EMA half-life is at most this fraction of the images seen so far
+    p_std: float = 1.2  # log-normal noise level distribution (EDM), mean set from sigma_data
+    cond_drop: float = 0.1  # probability of dropping covariates (classifier-free guidance)
+    n_val_subjects: int = 20
+    checkpoint_every: int = 200
+    val_every: int = 1000
+    seed: int = 0
+    net: dict = field(default_factory=lambda: UNetConfig().to_dict())
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator for one step: a pure function of (seed, step)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def edm_loss(model: nn.Module, sd: float, x0: Tensor, cond: Tensor | None, gen: torch.Generator, p_mean: float,
+             p_std: float) -> Tensor:
+    """EDM loss: sigma ~ logN(p_mean, p_std), weight (s^2+sd^2)/(s sd)^2, mean squared error.
+
+    ``model`` is the (possibly DDP-wrapped) preconditioned denoiser, ``sd`` its sigma_data.
+    """
+    b = x0.shape[0]
+    sigma = (torch.randn(b, generator=gen) * p_std + p_mean).exp()
+    noise = torch.randn(x0.shape, generator=gen)
+    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+    denoised = model(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, cond)
+    return (weight.view(-1, 1, 1, 1) * (denoised - x0) ** 2).mean()
+
+
+def augment(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Left-right flips and a small global intensity scale (0.9..1.1)."""
+    b = x.shape[0]
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    return x * (0.9 + 0.2 * torch.rand(b, 1, 1, 1, generator=gen))
+
+
+class Trainer:
+    """Owns model, EMA, optimiser and logs of one run in ``out_dir``."""
+
+    def __init__(self, data: SliceSet, out_dir: Path, cfg: TrainConfig, resume: bool = False) -> None:
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if cfg.batch % self.world:
+            raise MediffError(f"batch {cfg.batch} is not divisible by {self.world} processes")
+        net = UNetConfig.from_dict(cfg.net)
+        multiple = net.fold * 2 ** (len(net.channels) - 1)
+        if cfg.size % multiple:
+            raise MediffError(f"--size {cfg.size} must be a multiple of {multiple} for a {len(net.channels)}-level UNet")
+        tr, va = split_by_subject(data.subjects, cfg.n_val_subjects, cfg.seed)
+        self.train, self.val = data.subset(tr), data.subset(va)
+        self.data = data
+        x = self.train.images
+        self.data_mean = float(x.mean())
+        self.sigma_data = float(x.std())
+        net_cfg = UNetConfig.from_dict({**cfg.net, "cond_dim": 0 if data.covariates is None else data.covariates.shape[1]})
+        cfg.net = net_cfg.to_dict()
+        self.model = EDMPrecond(LeanUNet(net_cfg), self.sigma_data, self.data_mean)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step, self.images_seen, self.wall = 0, 0, 0.0
+        ckpt = self.out / "checkpoint.safetensors"
+        if resume and ckpt.exists():
+            self._load(ckpt)
+        elif resume:
+            raise MediffError(f"--resume given but no checkpoint in {self.out}")
+        elif ckpt.exists():
+            raise MediffError(f"{self.out} already holds a training run: use --resume to continue it")
+        self.ddp = (nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model)
+
+    # ---- checkpoint -------------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        sig_min, sig_max = edm_sigma_range(self.sigma_data)
+        return {
+            "format": "mediff-prior-v1",
+            "kind": "edm",
+            "net": self.cfg.net,
+            "sigma_data": self.sigma_data,
+            "data_mean": self.data_mean,
+            "sigma_min": sig_min,
+            "sigma_max": sig_max,
+            "image_size": self.cfg.size,
+            "normalization": {"kind": "percentile", "percentile": 99.5},
+            "covariates": self.data.covariate_spec,
+            "data": {"source": self.data.source, "fingerprint": self.data.fingerprint,
+                     "n_train_slices": len(self.train.images), "n_val_slices": len(self.val.images),
+                     "val_subjects": sorted(set(self.val.subjects.tolist()))},
+            "train": asdict(self.cfg),
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "wall_seconds": round(self.wall, 1),
+            "torch": torch.__version__,
+        }
+
+    def save(self) -> None:
+        if self.rank:
+            return
+        meta = self.metadata()
+        opt = self.opt.state_dict()
+        tensors = {**prefixed(self.model.state_dict(), "model"), **prefixed(self.ema.state_dict(), "ema")}
+        for i, st in opt["state"].items():
+            tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
+        save_checkpoint(self.out / "checkpoint.safetensors", tensors, meta)
+        # The EMA weights alone, in fp16, are the shippable prior (half the size, same quality).
+        save_checkpoint(self.out / "prior.safetensors", to_dtype(self.ema.state_dict(), torch.float16), meta)
+
+    def _load(self, path: Path) -> None:
+        tensors, meta = load_checkpoint(path)
+        if meta["data"]["fingerprint"] != self.data.fingerprint:
+            raise MediffError(f"{path} was trained on other data (fingerprint differs): refusing to resume")
+        same = {k: v for k, v in meta["train"].items() if k not in ("steps", "checkpoint_every", "val_every")}
+        mine = {k: v for k, v in asdict(self.cfg).items() if k in same}
+        if same != mine:
+            diff = sorted(k for k in same if same[k] != mine[k])
+            raise MediffError(f"cannot resume {path}: settings differ ({', '.join(diff)})")
+        self.model.load_state_dict(split_prefix(tensors, "model"))
+        self.ema.load_state_dict(split_prefix(tensors, "ema"))
+        state = self.opt.state_dict()
+        for i in range(len(list(self.model.parameters()))):
+            sub = split_prefix(tensors, f"opt.{i}")
+            if sub:
+                state["state"][i] = sub
+        self.opt.load_state_dict(state)
+        self.step, self.images_seen, self.wall = meta["step"], meta["images_seen"], meta["wall_seconds"]
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        cfg = self.cfg
+        gen = step_generator(cfg.seed, self.step)
+        idx = torch.randint(len(self.train.images), (cfg.batch,), generator=gen)
+        x0 = augment(self.train.images[idx], gen)
+        cond = None
+        if self.train.covariates is not None:
+            keep = (torch.rand(cfg.batch, generator=gen) >= cfg.cond_drop).float()
+            cond = self.train.covariates[idx] * keep[:, None]
+        p_mean = -1.2 + math.log(self.sigma_data / 0.5)
+        # Every rank builds the same global batch (same generator) and trains on its own share.
+        share = slice(self.rank, None, self.world)
+        rank_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + self.rank)
+        loss = edm_loss(self.ddp, self.sigma_data, x0[share], None if cond is None else cond[share], rank_gen, p_mean, cfg.p_std)
+        for g in self.opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        self.images_seen += cfg.batch
+        self._update_ema()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        half = min(self.cfg.ema_halflife_images, self.images_seen * self.cfg.ema_rampup)
+        beta = 0.5 ** (self.cfg.batch / max(half, 1e-8))
+        for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+            pe.lerp_(pm.detach(), 1 - beta)
+
+    @torch.no_grad()
+    def validate(self, n: int = 64) -> dict[float, float]:
+        """EMA denoising MSE (normalised units) on up to ``n`` held-out-subject slices, fixed noise."""
+        gen = torch.Generator().manual_seed(1234)
+        idx = torch.randperm(len(self.val.images), generator=gen)[:n]
+        x0 = self.val.images[idx]
+        out = {}
+        for s in VAL_SIGMAS:
+            noisy = x0 + s * torch.randn(x0.shape, generator=gen)
+            den = torch.cat([self.ema(c, torch.full((len(c),), s)) for c in noisy.split(16)])
+            out[s] = float(((den - x0) ** 2).mean())
+        return out
+
+    # ---- loop -------------------------------------------------------------------------------------
+    def fit(self, progress: bool = True) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        show = progress and self.rank == 0
+        cols = [TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.1f} img/s"),
+                TimeRemainingColumn()]
+        t_last, loss_acc, n_acc = time.perf_counter(), 0.0, 0
+        with Progress(*cols, disable=not show) as bar:
+            task = bar.add_task("train", total=cfg.steps, completed=self.step, loss=float("nan"), ips=0.0)
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                loss_acc += self.train_step()
+                n_acc += 1
+                self.wall += time.perf_counter() - t0
+                if self.step % 20 == 0 or self.step == cfg.steps:
+                    now = time.perf_counter()
+                    ips = n_acc * cfg.batch / (now - t_last)
+                    self._log("train.csv", ["step", "images_seen", "loss", "img_per_s", "lr"],
+                              [self.step, self.images_seen, loss_acc / n_acc, round(ips, 2), self.opt.param_groups[0]["lr"]])
+                    bar.update(task, completed=self.step, loss=loss_acc / n_acc, ips=ips)
+                    t_last, loss_acc, n_acc = now, 0.0, 0
+                if self.step % cfg.val_every == 0 and self.rank == 0:
+                    for s, mse in self.validate().items():
+                        self._log("val.csv", ["step", "images_seen", "sigma", "mse", "psnr"],
+                                  [self.step, self.images_seen, s, mse, 10 * math.log10(1 / mse)])
+                    plot_validation(self.out / "val.csv", self.out / "val.png")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save()
+
+    def _log(self, name: str, header: list[str], row: list) -> None:
+        if self.rank:
+            return
+        path = self.out / name
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(header)
+            w.writerow(row)
+
+
+def plot_validation(csv_path: Path, png_path: Path) -> None:
+    """Validation PSNR vs images seen, one line per sigma."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(csv_path)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in sorted({r["sigma"] for r in rows}, key=float):
+        pts = [(int(r["images_seen"]), float(r["psnr"])) for r in rows if r["sigma"] == s]
+        ax.plot(*zip(*pts), marker="o", label=f"sigma={s}")
+    ax.set_xlabel("images seen")
+    ax.set_ylabel("validation PSNR (dB, held-out subjects)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path.with_name("." + png_path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def init_distributed() -> bool:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return True
+    return False
+
+
+def train(data_path: Path, out_dir: Path, cfg: TrainConfig, covariates: Path | None = None,
+          resume: bool = False, progress: bool = True) -> Trainer:
+    """Load data, split by subject, train to ``cfg.steps`` with checkpoints in ``out_dir``."""
+    init_distributed()
+    data = load_slices(Path(data_path), cfg.size, covariates)
+    trainer = Trainer(data, out_dir, cfg, resume=resume)
+    trainer.fit(progress=progress)
+    return trainer

@@ -1,0 +1,27 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# The shared data folder sits next to the repository (../shared/data), never inside it.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """Root of the shared real-data folder; skips the test when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def ixi_dir(shared_data: Path) -> Path:
+    """IXI T1 folder (volumes/IXI*_T1.nii.gz, 120x120x90 at 2 mm); skips when absent."""
+    d = shared_data / "ixi_t1"
+    if not d.is_dir():
+        pytest.skip(f"IXI data not found at {d}")
+    return d
