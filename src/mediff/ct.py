@@ -21,8 +21,10 @@ source is required to sit outside the image so each ray crosses the object once)
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Sequence
+import warnings
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -48,8 +50,9 @@ __all__ = [
 MU_WATER_PER_MM = 0.0192  # linear attenuation of water at ~70 keV effective energy, 1/mm
 FILTERS = ("ramp", "hann", "shepp-logan", "cosine")
 
-# Rough upper bound on temporary elements per chunk while building matrices (memory, not speed).
-_CHUNK = 1 << 21
+# Temporary elements per chunk while building matrices: cache-sized, because on small VMs fresh
+# large temporaries cost more in page faults than the arithmetic itself.
+_CHUNK = 1 << 17
 
 # (ox, oy, dx, dy) of every ray, in pixel units, image-centred frame.
 Rays = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -80,8 +83,15 @@ def limited_angle_angles(n_views: int, max_angle_deg: float = 120.0) -> Tensor:
 
 
 def _as_angles(angles_deg: Tensor | Sequence[float] | np.ndarray) -> Tensor:
-    a = torch.as_tensor(np.asarray(angles_deg.detach().cpu() if isinstance(angles_deg, Tensor) else angles_deg,
-                                   dtype=np.float64)).reshape(-1)
+    """Angles as a 1-D float64 CPU tensor (degrees), validated."""
+    raw = angles_deg.detach().cpu().numpy() if isinstance(angles_deg, Tensor) else angles_deg
+    try:
+        a = torch.as_tensor(np.asarray(raw, dtype=np.float64))
+    except (TypeError, ValueError) as exc:
+        raise MediffError(f"angles_deg must be a sequence of numbers: {exc}") from None
+    if a.dim() > 1:
+        raise MediffError(f"angles_deg must be 1-D, got shape {tuple(a.shape)}")
+    a = a.reshape(-1)
     if a.numel() == 0:
         raise MediffError("angles_deg is empty: at least one view is needed")
     if not bool(torch.isfinite(a).all()):
@@ -96,8 +106,18 @@ def _check_n(n: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Joseph projector as a pair of CSR matrices
+# Joseph projector as sparse matrices
 # --------------------------------------------------------------------------------------------------
+#
+# A y-dominant ray crosses row k at column u = alpha - k g and, by linear interpolation, sees
+# (1 - f) X[k, j0] + f X[k, j0 + 1] (j0 = floor(u), f = u - j0), weighted by the path length per
+# row L = 1/|dy|. One such *sample* is stored once, at column (k, j0 + 1) of the image padded with a
+# zero column on each side (width n + 2), with two weights w0 = L - f L and w1 = f L:
+#     A x = M0 pad(x) + M1 shift(pad(x)),   shift(z)[c] = z[c + 1],
+# where M0 and M1 share the sparsity pattern. This halves the index work compared with one entry per
+# pixel, keeps CSR columns sorted without interleaving, and the padding absorbs the image border
+# without masks. x-dominant rays are y-dominant rays of the transposed image. The transposes M0^T,
+# M1^T are enumerated directly in pixel-major order (no sort) with bit-identical weights.
 
 
 def _group_rays(rays: Rays, transposed: bool) -> Rays:
@@ -121,54 +141,69 @@ def _ray_coeffs(n: int, rays: Rays) -> tuple[Tensor, Tensor, Tensor]:
     return alpha, g, 1.0 / dy.abs()
 
 
-def _forward_entries(n: int, alpha: Tensor, g: Tensor, length: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Ray-major CSR parts (crow, col, val) of the y-dominant Joseph matrix (R, n*n).
+def _sample_weights(alpha: Tensor, g: Tensor, length: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """floor(u), w0, w1 of samples (rays given by gathered alpha, g, length; rows k as float64).
 
-    Column indices are sorted within each row (k ascending, then j0 < j0+1), as torch CSR requires.
+    Both enumerations call this one function on identical operands, hence identical rounding.
+    """
+    u = alpha - k * g
+    j0f = torch.floor(u)
+    w1 = (u - j0f) * length
+    return j0f, length - w1, w1
+
+
+def _forward_samples(n: int, alpha: Tensor, g: Tensor, length: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Ray-major CSR parts (crow, col, val) of [M0 | M1] (R, 2 n (n + 2)): one sample per ray and row.
+
+    Row r lists its samples' M0 entries (columns c) and then their M1 entries (columns L + c), so the
+    columns stay sorted and one sparse matmul on the stacked input [z; shift(z)] gives A x.
     """
     R = alpha.numel()
-    # Rows k where the crossing u lies in (-1, n), i.e. touches at least one pixel; solved in closed
-    # form (rounded outward) so that no time is spent on samples outside the image.
-    safe_g = torch.where(g.abs() > 1e-12, g, torch.ones_like(g))
+    width = n + 2
+    # Rows k where u lies in [-1, n) (the sample touches a pixel), solved in closed form and widened
+    # by a row on each side: the range must not miss a row (e.g. a nearly axis-aligned ray with tiny
+    # slope creeping into the image); extra samples get zero weights below.
+    steep = g.abs() > 1e-12
+    safe_g = torch.where(steep, g, torch.ones_like(g))
     b1, b2 = (alpha - n) / safe_g, (alpha + 1.0) / safe_g
-    # Generous margins: the exact test on u below decides, this only must not miss a row (a nearly
-    # axis-aligned ray with tiny g can creep into the image over many rows).
-    flat_in = (alpha > -1.0 - 1e-6) & (alpha < n + 1e-6)
-    lo = torch.where(g.abs() > 1e-12, torch.minimum(b1, b2), torch.where(flat_in, 0.0, float(n)))
-    hi = torch.where(g.abs() > 1e-12, torch.maximum(b1, b2), torch.where(flat_in, n - 1.0, -1.0))
+    flat_in = (alpha >= -1.0 - 1e-6) & (alpha < n + 1e-6)
+    lo = torch.where(steep, torch.minimum(b1, b2), torch.where(flat_in, 0.0, float(n)))
+    hi = torch.where(steep, torch.maximum(b1, b2), torch.where(flat_in, n - 1.0, -1.0))
     k_lo = (lo.floor() - 1).clamp(0, n).long()
     k_hi = (hi.ceil() + 1).clamp(-1, n - 1).long()
     counts = (k_hi - k_lo + 1).clamp_min(0)
-    cum = counts.cumsum(0)
-    rows_out, cols_out, vals_out = [], [], []
+    crow = torch.zeros(R + 1, dtype=torch.long)
+    crow[1:] = counts.cumsum(0)
+    total = int(crow[-1])
+    offset = crow[:-1] - k_lo  # sample number s of ray r lies on row s - offset[r]
+    n_pad = n * width
+    col = torch.empty(2 * total, dtype=torch.long)
+    val = torch.empty(2 * total, dtype=torch.float64)
     r0 = 0
     while r0 < R:
-        base = int(cum[r0 - 1]) if r0 > 0 else 0
-        r1 = int(torch.searchsorted(cum, base + _CHUNK, right=True))
-        r1 = min(max(r1, r0 + 1), R)
-        cnt = counts[r0:r1]
-        ray = torch.repeat_interleave(torch.arange(r0, r1), cnt)
-        start = cum[r0:r1] - cnt - base
-        k = torch.arange(ray.numel()) - start[ray - r0] + k_lo[ray]
-        u = alpha[ray] - k.double() * g[ray]
-        j0f = torch.floor(u)
-        f = u - j0f
-        w = length[ray]
-        j0 = j0f.long()
-        jj = torch.stack([j0, j0 + 1], 1)
-        ww = torch.stack([(1.0 - f) * w, f * w], 1)
-        keep = ((jj >= 0) & (jj < n) & (ww > 0)).reshape(-1).nonzero().squeeze(1)
-        rows_out.append(ray.repeat_interleave(2)[keep])
-        cols_out.append((k[:, None] * n + jj).reshape(-1)[keep])
-        vals_out.append(ww.reshape(-1)[keep])
+        s0 = int(crow[r0])
+        r1 = min(max(int(torch.searchsorted(crow, s0 + _CHUNK, right=True)) - 1, r0 + 1), R)
+        s1 = int(crow[r1])
+        ray = torch.repeat_interleave(torch.arange(r0, r1), counts[r0:r1], output_size=s1 - s0)
+        k = torch.arange(s0, s1) - offset.index_select(0, ray)
+        j0f, a0, a1 = _sample_weights(alpha.index_select(0, ray), g.index_select(0, ray),
+                                      length.index_select(0, ray), k.double())
+        # Margin samples outside the padded image keep their slot (columns stay sorted and distinct,
+        # one sample per row) with zero weights.
+        outside = (j0f < -1.0) | (j0f > n - 1.0)
+        c0 = k * width + (j0f.clamp_(-1.0, n - 1.0).long() + 1)
+        s = torch.arange(s0, s1)
+        dest0 = s + crow.index_select(0, ray)  # 2 crow[r] + (s - crow[r])
+        dest1 = s + crow.index_select(0, ray + 1)  # after the ray's M0 entries
+        col.index_copy_(0, dest0, c0)
+        col.index_copy_(0, dest1, c0 + n_pad)
+        val.index_copy_(0, dest0, a0.masked_fill_(outside, 0.0))
+        val.index_copy_(0, dest1, a1.masked_fill_(outside, 0.0))
         r0 = r1
-    rows = torch.cat(rows_out)
-    crow = torch.zeros(R + 1, dtype=torch.long)
-    crow[1:] = torch.bincount(rows, minlength=R).cumsum(0)
-    return crow, torch.cat(cols_out), torch.cat(vals_out)
+    return 2 * crow, col, val
 
 
-def _adjoint_entries(
+def _adjoint_samples(
     n: int,
     alpha: Tensor,
     g: Tensor,
@@ -179,115 +214,134 @@ def _adjoint_entries(
     transposed: bool,
     det_index: DetIndexFn,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Pixel-major CSR parts (crow, col, val) of the transpose (n*n, R) of the same Joseph matrix.
+    """Pixel-major CSR parts (crow, col, val) of [M0^T ; M1^T] (2 n (n + 2), R), enumerated directly.
 
-    Enumerates, for each pixel and view, the candidate rays whose crossing with the pixel's row lies
-    within one pixel (found by projecting the segment (x_j - 1, x_j + 1) onto the detector), then
-    recomputes each weight with exactly the forward's floating-point expression, so both matrices hold
-    bit-identical entries without any sort. Ray indices come out ascending within each pixel row.
+    Padded pixel (k, j0 + 1) holds the samples of rays crossing row k at u in [j0, j0 + 1). For each
+    such pixel and each view the candidate rays are found by projecting that segment of the row onto
+    the detector, then kept iff floor(u) == j0 with u from the forward's own formula. Ray indices come
+    out ascending within each row; zero-weight forward slots (outside the image) are not needed.
     """
     R = alpha.numel()
+    width = n + 2
     c = (n - 1) / 2.0
-    view_of = ray_global // n_det
-    views = torch.unique(view_of)  # only views that own rays of this group
+    views = torch.unique(ray_global // n_det)  # only views that own rays of this group
     V = views.numel()
-    # If every ray of these views is in the group (always true for parallel beam), the local ray id
-    # is plain arithmetic; otherwise (fan beam views straddling 45 degrees) use a lookup table.
-    whole_views = R == V * n_det
+    # Local ray id of (view slot, detector bin); -1 if the ray belongs to the other group (only in
+    # fan-beam views straddling 45 degrees: parallel views lie entirely in one group).
     local = torch.full((n_views * n_det,), -1, dtype=torch.long)
     local[ray_global] = torch.arange(R)
-    local_of_view = local.view(n_views, n_det)[views]  # (V, n_det)
-    n_pix = n * n
-    crow_counts = torch.zeros(n_pix, dtype=torch.long)
-    cols_out, vals_out = [], []
-    p_step = max(1, _CHUNK // (2 * V))
-    for p0 in range(0, n_pix, p_step):
-        pix = torch.arange(p0, min(n_pix, p0 + p_step))
-        kk, jj = pix // n, pix % n
-        xc = (jj.double() - c)[:, None]
-        yc = (c - kk.double())[:, None]
+    local_of_view = local.view(n_views, n_det)[views].reshape(-1)
+    whole_views = R == V * n_det
+    n_pad = n * width
+    crow = torch.zeros(n_pad + 1, dtype=torch.long)
+    cols, w0s, w1s = [], [], []
+    kept = 0
+    p_step = max(width, (_CHUNK // (2 * V)) // width * width)  # whole padded rows per chunk
+    for p0 in range(0, n_pad, p_step):
+        pix = torch.arange(p0, min(n_pad, p0 + p_step))
+        kk = (pix // width).double()
+        j0 = (pix % width).double() - 1.0  # samples with floor(u) == j0 live here
+        yc = (c - kk)[:, None]
+        xa, xb = (j0 - c)[:, None], (j0 + 1.0 - c)[:, None]
         if transposed:  # group-frame (x', y') -> original (-y', -x')
-            end_a = det_index(views, -yc, -(xc - 1.0))
-            end_b = det_index(views, -yc, -(xc + 1.0))
+            end_a, end_b = det_index(views, -yc, -xa), det_index(views, -yc, -xb)
         else:
-            end_a = det_index(views, xc - 1.0, yc)
-            end_b = det_index(views, xc + 1.0, yc)
-        d_lo = (torch.minimum(end_a, end_b) - 1e-6).ceil_().clamp_(0, n_det).long()
-        d_hi = (torch.maximum(end_a, end_b) + 1e-6).floor_().clamp_(-1, n_det - 1).long()
-        cnt = (d_hi - d_lo + 1).clamp_min_(0).reshape(-1)
-        pair = torch.repeat_interleave(torch.arange(cnt.numel()), cnt)
-        start = cnt.cumsum(0) - cnt
-        d = torch.arange(pair.numel()) - start[pair] + d_lo.reshape(-1)[pair]
-        vloc = pair % V
-        lid = local_of_view[vloc, d]
-        p_loc = pair // V
+            end_a, end_b = det_index(views, xa, yc), det_index(views, xb, yc)
+        d_lo = (torch.minimum(end_a, end_b) - 1e-6).ceil_().clamp_(0, n_det).long().reshape(-1)
+        d_hi = (torch.maximum(end_a, end_b) + 1e-6).floor_().clamp_(-1, n_det - 1).long().reshape(-1)
+        cnt = (d_hi - d_lo + 1).clamp_min_(0)
+        # No pixel in column n + 1 (j0 = n) or beyond the image rows is ever a sample's home.
+        cnt.view(-1, V)[j0 > n - 1.0] = 0
+        total = int(cnt.sum())
+        pair = torch.repeat_interleave(torch.arange(cnt.numel()), cnt, output_size=total)
+        q = pair // V  # padded pixel within the chunk
+        slot_d = (pair - q * V) * n_det + torch.arange(total) - (cnt.cumsum(0) - cnt - d_lo).index_select(0, pair)
+        lid = slot_d if whole_views else local_of_view.index_select(0, slot_d)
         if not whole_views:
-            ok = lid >= 0
-            lid, p_loc = lid[ok], p_loc[ok]
-        # Same expression, operands and dtype as in _forward_entries -> identical rounding.
-        u = alpha[lid] - kk[p_loc].double() * g[lid]
-        j0f = torch.floor(u)
-        f = u - j0f
-        w = length[lid]
-        dj = jj[p_loc] - j0f.long()  # 0: pixel is j0 (weight 1-f); 1: pixel is j0+1 (weight f)
-        keep = ((dj == 0) | ((dj == 1) & (f > 0))).nonzero().squeeze(1)
-        val = torch.where(dj == 0, (1.0 - f) * w, f * w)[keep]
-        crow_counts[pix] = torch.bincount(p_loc[keep], minlength=pix.numel())
-        cols_out.append(lid[keep])
-        vals_out.append(val)
-    crow = torch.zeros(n_pix + 1, dtype=torch.long)
-    crow[1:] = crow_counts.cumsum(0)
-    return crow, torch.cat(cols_out), torch.cat(vals_out)
+            ok = (lid >= 0).nonzero().squeeze(1)
+            lid, q = lid.index_select(0, ok), q.index_select(0, ok)
+        j0f, w0, w1 = _sample_weights(alpha.index_select(0, lid), g.index_select(0, lid),
+                                      length.index_select(0, lid), kk.index_select(0, q))
+        sel = (j0f == j0.index_select(0, q)).nonzero().squeeze(1)
+        cols.append(lid.index_select(0, sel))
+        w0s.append(w0.index_select(0, sel))
+        w1s.append(w1.index_select(0, sel))
+        counts = torch.bincount(q.index_select(0, sel), minlength=pix.numel())
+        crow[p0 + 1 : p0 + 1 + pix.numel()] = kept + counts.cumsum(0)
+        kept += int(sel.numel())
+    col = torch.cat(cols)
+    # Stack M0^T over M1^T: same pattern, second block's row pointers continue after the first.
+    return torch.cat([crow, crow[1:] + kept]), torch.cat([col, col]), torch.cat(w0s + w1s)
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run the matrix construction on one intra-op thread, then restore the setting.
+
+    Construction is thousands of medium-sized tensor ops; on a small shared machine every OpenMP
+    region waits for a busy second core, which made it 2-4x slower than one thread (measured).
+    """
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 class _Group:
-    """Rays of one dominance class: global ray ids and the CSR pair (float64, int32 indices)."""
+    """Rays of one dominance class: global ray ids, [M0 | M1] and its transpose [M0^T ; M1^T]."""
 
     def __init__(self, ray_ids: Tensor, transposed: bool, mat: Tensor, mat_t: Tensor) -> None:
         self.ray_ids, self.transposed, self.mat, self.mat_t = ray_ids, transposed, mat, mat_t
 
+    def to(self, device: torch.device, dtype: torch.dtype) -> "_Group":
+        return _Group(self.ray_ids.to(device), self.transposed, self.mat.to(device=device, dtype=dtype),
+                      self.mat_t.to(device=device, dtype=dtype))
+
 
 def _csr(crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int]) -> Tensor:
-    # int32 indices: half the memory traffic and MKL/cuSPARSE use them natively (no per-call copy).
-    return torch.sparse_csr_tensor(crow.to(torch.int32), col.to(torch.int32), val, shape, check_invariants=False)
+    # int32 indices: MKL / cuSPARSE use them natively; int64 made CPU matmuls ~3x slower (measured).
+    with warnings.catch_warnings():  # torch flags CSR as "beta" on first use; the ops used here are stable
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow.to(torch.int32), col.to(torch.int32), val, shape,
+                                       check_invariants=False)
 
 
 def _build_groups(n: int, rays: Rays, n_views: int, n_det: int, det_index: DetIndexFn,
                   scale: float) -> list[_Group]:
-    """Split rays by dominant axis and build A and A^T for each group (weights times ``scale``)."""
+    """Split rays by dominant axis and build the sample matrices of each group (weights x scale)."""
     ox, oy, dx, dy = rays
     ydom = dy.abs() >= dx.abs()
     groups = []
+    n_pad = n * (n + 2)
     for transposed, sel in ((False, ydom), (True, ~ydom)):
         ids = sel.nonzero().squeeze(1)
         if ids.numel() == 0:
             continue
-        g_rays = _group_rays((ox[ids], oy[ids], dx[ids], dy[ids]), transposed)
-        alpha, g, length = _ray_coeffs(n, g_rays)
-        crow, col, val = _forward_entries(n, alpha, g, length)
-        crow_t, col_t, val_t = _adjoint_entries(n, alpha, g, length, ids, n_det, n_views, transposed, det_index)
-        # Both enumerations must find the same entries (cheap consistency guard, never user-facing).
-        if col.numel() != col_t.numel() or not bool(torch.isclose(val.sum(), val_t.sum(), rtol=1e-12)):
+        alpha, g, length = _ray_coeffs(n, _group_rays((ox[ids], oy[ids], dx[ids], dy[ids]), transposed))
+        crow, col, val = _forward_samples(n, alpha, g, length)
+        crow_t, col_t, val_t = _adjoint_samples(n, alpha, g, length, ids, n_det, n_views, transposed, det_index)
+        # Both enumerations must find the same weights (cheap guard against a geometry bug).
+        nz, nz_t = val != 0, val_t != 0
+        if int(nz.sum()) != int(nz_t.sum()) or not bool(torch.isclose(val.sum(), val_t.sum(), rtol=1e-12)):
             raise RuntimeError("internal error: CT matrix and its transpose disagree")  # pragma: no cover
-        mat = _csr(crow, col, val * scale, (ids.numel(), n * n))
-        mat_t = _csr(crow_t, col_t, val_t * scale, (n * n, ids.numel()))
-        groups.append(_Group(ids, transposed, mat, mat_t))
+        groups.append(_Group(ids, transposed, _csr(crow, col, val * scale, (ids.numel(), 2 * n_pad)),
+                             _csr(crow_t, col_t, val_t * scale, (2 * n_pad, ids.numel()))))
     return groups
 
 
 def _matmul(groups: list[_Group], x: Tensor, n: int, m: int) -> Tensor:
     """Forward: x (B, 1, n, n) -> y (B, m) using the group matrices (already on x's device/dtype)."""
     b = x.shape[0]
-    img = x.reshape(b, n * n).T.contiguous()
-    img_t = None
+    img = x.reshape(b, n, n)
     y = x.new_zeros(m, b)
     for grp in groups:
-        if grp.transposed:
-            if img_t is None:
-                img_t = x.reshape(b, n, n).transpose(1, 2).reshape(b, n * n).T.contiguous()
-            y[grp.ray_ids] = grp.mat @ img_t
-        else:
-            y[grp.ray_ids] = grp.mat @ img
+        # Zero column on each side, flattened, one trailing zero; then [z ; shift(z)] as columns.
+        z = torch.nn.functional.pad(
+            torch.nn.functional.pad(img.transpose(1, 2) if grp.transposed else img, (1, 1)).reshape(b, -1), (0, 1)
+        )
+        y[grp.ray_ids] = grp.mat @ torch.cat([z[:, :-1], z[:, 1:]], 1).T
     return y.T
 
 
@@ -295,17 +349,15 @@ def _matmul_t(groups: list[_Group], y: Tensor, n: int) -> Tensor:
     """Adjoint: y (B, m) -> x (B, 1, n, n)."""
     b = y.shape[0]
     yt = y.T.contiguous()
-    out = y.new_zeros(n * n, b)
-    out_t = None
+    n_pad = n * (n + 2)
+    x = y.new_zeros(b, 1, n, n)
     for grp in groups:
-        part = grp.mat_t @ yt[grp.ray_ids].contiguous()
-        if grp.transposed:
-            out_t = part if out_t is None else out_t + part
-        else:
-            out = out + part
-    x = out.T.reshape(b, 1, n, n)
-    if out_t is not None:
-        x = x + out_t.T.reshape(b, 1, n, n).transpose(-1, -2)
+        zz = grp.mat_t @ yt.index_select(0, grp.ray_ids)  # (2 n_pad, B): [M0^T y ; M1^T y]
+        z = y.new_zeros(n_pad + 1, b)
+        z[:-1] += zz[:n_pad]
+        z[1:] += zz[n_pad:]  # adjoint of the shift
+        img = z[:-1].T.reshape(b, n, n + 2)[:, :, 1:-1]  # adjoint of the padding: crop
+        x = x + (img.transpose(1, 2) if grp.transposed else img).unsqueeze(1)
     return x
 
 
@@ -349,8 +401,9 @@ class _JosephCT(LinearOperator):
         if not (math.isfinite(float(pixel_size_mm)) and float(pixel_size_mm) > 0):
             raise MediffError(f"pixel_size_mm must be > 0, got {pixel_size_mm!r}")
         self._set(n=n, angles_deg=angles_deg, n_detectors=int(n_det), pixel_size_mm=float(pixel_size_mm))
-        groups = _build_groups(n, self._rays(), self.n_views, self.n_detectors, self._det_index,
-                               self.pixel_size_mm)
+        with _single_thread():
+            groups = _build_groups(n, self._rays(), self.n_views, self.n_detectors, self._det_index,
+                                   self.pixel_size_mm)
         # Cache of the matrices per (device, dtype); filled lazily, the float64 CPU copy is the master.
         self._set(_groups=groups, _cache={(torch.device("cpu"), torch.float64): groups})
 
@@ -378,17 +431,13 @@ class _JosephCT(LinearOperator):
 
     @property
     def nnz(self) -> int:
-        """Stored non-zeros of A (the transpose holds as many again)."""
-        return sum(int(grp.mat.values().numel()) for grp in self._groups)
+        """Stored samples (each holds two interpolation weights); the transpose stores as many again."""
+        return sum(int(grp.mat.values().numel()) // 2 for grp in self._groups)
 
     def _mats(self, device: torch.device, dtype: torch.dtype) -> list[_Group]:
         key = (device, dtype)
         if key not in self._cache:
-            self._cache[key] = [
-                _Group(grp.ray_ids.to(device), grp.transposed, grp.mat.to(device=device, dtype=dtype),
-                       grp.mat_t.to(device=device, dtype=dtype))
-                for grp in self._groups
-            ]
+            self._cache[key] = [grp.to(device, dtype) for grp in self._groups]
         return self._cache[key]
 
     @staticmethod
@@ -595,65 +644,64 @@ def filter_sinogram(sino: Tensor, filter: str = "ramp", spacing: float = 1.0) ->
     return (torch.fft.irfft(spec, n=size, dim=-1)[..., :n_det] / spacing).to(sino.dtype)
 
 
-def _pixel_backproject(op: _JosephCT, q: Tensor, fan_weight: bool) -> Tensor:
-    """Pixel-driven back-projection sum_v w_v(X) q_v(det(X)) with linear interpolation on the detector.
+def _fan_backproject(op: "FanBeamCT", q: Tensor) -> Tensor:
+    """Distance-weighted pixel-driven back-projection of fan-beam data (Kak & Slaney).
 
-    q: (B, 1, V, D) -> (B, 1, N, N). With ``fan_weight`` the fan-beam distance weight
-    w = (R_s / (R_s + X.e))^2 is applied (Kak & Slaney's 1/U^2), otherwise w = 1.
-    This is the interpolating back-projector FBP needs: every pixel gets exactly one detector sample
-    per view (the Joseph transpose spreads rays unevenly when rays are more than a pixel apart).
+    q: (B, 1, V, D) -> (B, 1, N, N) = sum_v U_v(X)^-2 q_v(det_v(X)), U = (R_s + X.e) / R_s, with linear
+    interpolation on the detector (zero beyond it). The 1/U^2 weight depends jointly on pixel and
+    view, so this cannot be the plain adjoint; it is computed on the fly (differentiable gathers).
     """
     b, n, n_det, n_views = q.shape[0], op.n, op.n_detectors, op.n_views
+    dev = q.device
     dt = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     c = (n - 1) / 2.0
-    coords = torch.arange(n, dtype=torch.float64, device=q.device)
+    coords = torch.arange(n, dtype=torch.float64)
     xs = (coords - c).repeat(n)[:, None]  # (N*N, 1), row-major pixel order
     ys = (c - coords).repeat_interleave(n)[:, None]
-    # Zero bins on both sides so that out-of-detector samples read 0 without branching.
+    # A zero bin on each side of every view: out-of-detector samples read 0 without branching.
     qp = torch.nn.functional.pad(q.to(dt).reshape(b, n_views, n_det), (1, 1)).reshape(b, -1)
-    out = torch.zeros(b, n * n, dtype=dt, device=q.device)
-    step = max(1, _CHUNK // max(1, n * n * b))
+    beta = torch.deg2rad(op.angles_deg)
+    out = torch.zeros(b, n * n, dtype=dt, device=dev)
+    step = max(1, _CHUNK // (n * n))  # views per chunk, temporaries kept cache-sized
     for v0 in range(0, n_views, step):
-        views = torch.arange(v0, min(n_views, v0 + step), device=q.device)
-        idx = op._det_index(views.cpu(), xs.cpu(), ys.cpu()).to(q.device)  # (N*N, Vc)
-        idx = idx.clamp(-1.0, float(n_det))
+        views = torch.arange(v0, min(n_views, v0 + step))
+        idx = op._det_index(views, xs, ys).clamp_(-1.0, float(n_det))  # (N*N, Vc)
         i0 = torch.floor(idx)
-        f = (idx - i0).to(dt)
-        lin = views[None, :] * (n_det + 2) + i0.long() + 1
-        lin1 = (lin + 1).clamp_max(n_views * (n_det + 2) - 1)
-        val = qp[:, lin] * (1.0 - f) + qp[:, lin1] * f  # (B, N*N, Vc)
-        if fan_weight:
-            beta = torch.deg2rad(op.angles_deg)[views.cpu()].to(q.device)
-            along_e = -xs * torch.sin(beta) + ys * torch.cos(beta)
-            val = val * ((op._rs / (op._rs + along_e)) ** 2).to(dt)
-        out = out + val.sum(-1)
+        lin = (views[None, :] * (n_det + 2) + i0.long() + 1).to(dev)
+        f = (idx - i0).to(device=dev, dtype=dt)
+        # idx == n_det reads the right pad; its +1 neighbour (next view's left pad or the end) is 0.
+        lin1 = (lin + 1).clamp_max_(n_views * (n_det + 2) - 1)
+        along_e = -xs * torch.sin(beta[views]) + ys * torch.cos(beta[views])
+        weight = ((op._rs / (op._rs + along_e)) ** 2).to(device=dev, dtype=dt)
+        out = out + ((qp[:, lin] * (1.0 - f) + qp[:, lin1] * f) * weight).sum(-1)
     return out.reshape(b, 1, n, n)
 
 
 def fbp(op: LinearOperator, sino: Tensor, filter: str = "ramp") -> Tensor:
     """Filtered back-projection: sinogram (B, 1, V, D) of line integrals -> attenuation (B, 1, N, N) in 1/mm.
 
-    Parallel beam: views are assumed uniform over 180 degrees (each weighted pi / V); fewer or
-    limited-angle views give the usual streak / missing-wedge artefacts. Fan beam (flat detector):
-    Kak & Slaney weighted filtering (cosine pre-weight, ramp on the detector scaled to the
-    isocentre, 1/U^2 distance weight), views assumed uniform over 360 degrees (weight 2 pi / V).
+    Parallel beam: Kak & Slaney ramp (optionally apodised) along the detector, then the exact adjoint
+    ``op.AH`` times pi / V: views are assumed uniform over 180 degrees; fewer or limited-angle views
+    give the usual streak / missing-wedge artefacts. Fan beam (flat detector): weighted filtering
+    (cosine pre-weight, ramp on the detector scaled to the isocentre, 1/U^2 distance weight), views
+    assumed uniform over 360 degrees (weight 2 pi / V).
     """
     if not isinstance(op, (ParallelBeamCT, FanBeamCT)):
         raise MediffError(f"fbp needs a ParallelBeamCT or FanBeamCT, got {type(op).__name__}")
     check_sinogram(sino, op)
+    px = op.pixel_size_mm
     if isinstance(op, ParallelBeamCT):
         q = filter_sinogram(sino, filter, spacing=1.0)  # detector bins are one pixel wide
-        rec = _pixel_backproject(op, q, fan_weight=False) * (math.pi / op.n_views)
-    else:
-        # Rescale the flat detector to a virtual one through the isocentre (magnification M).
-        mag = (op._rs + op._rd) / op._rs
-        p = op._det_offsets().to(sino.device) / mag  # virtual detector coordinates, pixels
-        pre = (op._rs / torch.sqrt(op._rs ** 2 + p ** 2)).to(sino.dtype)
-        # 1/2: each line is measured twice over 360 degrees.
-        q = 0.5 * filter_sinogram(sino * pre, filter, spacing=op._spacing / mag)
-        rec = _pixel_backproject(op, q, fan_weight=True) * (2.0 * math.pi / op.n_views)
-    # Reconstructed in 1/pixel (line integrals are dimensionless) -> 1/mm.
-    return rec / op.pixel_size_mm
+        # op.AH spreads each value with total weight ~1 per view and pixel but carries one factor
+        # pixel_size_mm (path lengths in mm); pi / V is d(theta). Result in 1/pixel -> 1/mm.
+        return op.AH(q) * (math.pi / op.n_views) / (px * px)
+    # Rescale the flat detector to a virtual one through the isocentre (magnification M).
+    mag = (op._rs + op._rd) / op._rs
+    p = op._det_offsets() / mag  # virtual detector coordinates, pixels
+    pre = (op._rs / torch.sqrt(op._rs**2 + p**2)).to(device=sino.device, dtype=sino.dtype)
+    # 1/2: over 360 degrees every line is measured twice.
+    q = 0.5 * filter_sinogram(sino * pre, filter, spacing=op._spacing / mag)
+    return _fan_backproject(op, q) * (2.0 * math.pi / op.n_views) / px
 
 
 # --------------------------------------------------------------------------------------------------

@@ -208,6 +208,8 @@ def encode_row(row: dict[str, str], spec: dict) -> np.ndarray:
 def split_by_subject(subjects: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val) with ``n_val`` whole subjects held out, chosen reproducibly from ``seed``."""
     uniq = np.unique(subjects)
+    if n_val < 1:
+        raise MediffError(f"--val-subjects must be at least 1 (validation needs held-out subjects), got {n_val}")
     if n_val >= len(uniq):
         raise MediffError(f"only {len(uniq)} subjects: cannot hold out {n_val} for validation")
     rng = np.random.default_rng(seed)

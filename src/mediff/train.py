@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import os
 import time
@@ -99,7 +100,9 @@ class Trainer:
         self.sigma_data = float(x.std())
         net_cfg = UNetConfig.from_dict({**cfg.net, "cond_dim": 0 if data.covariates is None else data.covariates.shape[1]})
         cfg.net = net_cfg.to_dict()
-        self.model = EDMPrecond(LeanUNet(net_cfg), self.sigma_data, self.data_mean)
+        with torch.random.fork_rng(devices=[]):  # initial weights: a function of the seed, not the global RNG
+            torch.manual_seed(cfg.seed)
+            self.model = EDMPrecond(LeanUNet(net_cfg), self.sigma_data, self.data_mean)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step, self.images_seen, self.wall = 0, 0, 0.0
@@ -153,7 +156,8 @@ class Trainer:
         if meta["data"]["fingerprint"] != self.data.fingerprint:
             raise MediffError(f"{path} was trained on other data (fingerprint differs): refusing to resume")
         same = {k: v for k, v in meta["train"].items() if k not in ("steps", "checkpoint_every", "val_every")}
-        mine = {k: v for k, v in asdict(self.cfg).items() if k in same}
+        # Compare in JSON form: the stored settings came back from JSON (lists, not tuples).
+        mine = json.loads(json.dumps({k: v for k, v in asdict(self.cfg).items() if k in same}))
         if same != mine:
             diff = sorted(k for k in same if same[k] != mine[k])
             raise MediffError(f"cannot resume {path}: settings differ ({', '.join(diff)})")

@@ -2,10 +2,12 @@
 
 from mediff.operators.base import (
     Adjoint,
+    CenterCrop,
     Composed,
     Identity,
     LinearOperator,
     Matrix,
+    PhaseModulated,
     adjoint_check,
     conjugate_gradient,
     inner,
@@ -13,10 +15,12 @@ from mediff.operators.base import (
 
 __all__ = [
     "Adjoint",
+    "CenterCrop",
     "Composed",
     "Identity",
     "LinearOperator",
     "Matrix",
+    "PhaseModulated",
     "adjoint_check",
     "conjugate_gradient",
     "inner",

@@ -1,0 +1,305 @@
+"""End-to-end tests of the ``mediff`` command line: version/help, ``info`` on real and corrupt
+files, and ``sample`` from a tiny trained checkpoint.
+
+``info``, ``--version`` and ``--help`` run in real processes (they are cheap: no torch import).
+Training and sampling run in-process through ``mediff.cli.main`` to keep the default run fast;
+a ``slow`` test repeats sampling in a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from io import BytesIO, StringIO
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+SIZE = 32
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+OUTPUTS = ("samples_grid.png", "samples.nii.gz", "samples.npz", "samples.json")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks on a shared 2-core machine: one intra-op thread is much faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(*args: object) -> tuple[int, str, str]:
+    """Run ``mediff ARGS`` in this process; returns (exit code, stdout, stderr)."""
+    from mediff.cli import main
+
+    out, err = StringIO(), StringIO()
+    with mock.patch.object(sys, "argv", ["mediff", *map(str, args)]), redirect_stdout(out), redirect_stderr(err):
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_proc(*args: object, timeout: float = 300) -> tuple[int, str, str]:
+    """Run the ``mediff`` console script (falls back to ``python -m mediff``) in a fresh process."""
+    script = Path(sys.executable).with_name("mediff")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "mediff"]
+    r = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV)
+    return r.returncode, r.stdout, r.stderr
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, f"exit code {code}, stderr: {err!r}"
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got: {err!r}"
+    assert lines[0].startswith("error:"), lines[0]
+    for n in needles:
+        assert n.lower() in lines[0].lower(), f"{n!r} not in {lines[0]!r}"
+
+
+def info_fields(stdout: str) -> dict[str, str]:
+    """``mediff info`` prints ``key: value`` lines."""
+    out = {}
+    for line in stdout.splitlines():
+        k, sep, v = line.partition(":")
+        if sep:
+            out[k.strip()] = v.strip()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# version and help
+# --------------------------------------------------------------------------------------------------
+
+
+def test_version() -> None:
+    from mediff import __version__
+
+    code, out, err = run_proc("--version")
+    assert code == 0, err
+    assert out.strip() == f"mediff {__version__}"
+
+
+def test_help_lists_commands() -> None:
+    code, out, err = run_proc("--help")
+    assert code == 0, err
+    for cmd in ("info", "train", "sample", "demo"):
+        assert re.search(rf"\b{cmd}\b", out), f"{cmd} missing from --help:\n{out}"
+
+
+# --------------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------------
+
+
+def test_info_ct_dicom() -> None:
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    code, out, err = run_proc("info", path)
+    assert code == 0, err
+    f = info_fields(out)
+    assert f["modality"] == "CT"
+    assert f["format"] == "dicom"
+    assert json.loads(f["shape"]) == [ds.Rows, ds.Columns]
+    # Values are in HU (rescale applied), not raw stored integers.
+    assert float(f["min"]) == pytest.approx(hu.min()) and float(f["max"]) == pytest.approx(hu.max())
+    assert -1100 < float(f["min"]) < -800, "CT_small's minimum is air/soft-tissue-ish HU around -900"
+
+
+def test_info_ixi_nifti(ixi_dir: Path) -> None:
+    vols = sorted((ixi_dir / "volumes").glob("IXI*_T1.nii.gz"))
+    if not vols:
+        pytest.skip(f"no IXI volumes in {ixi_dir / 'volumes'}")
+    code, out, err = run_proc("info", vols[0])
+    assert code == 0, err
+    f = info_fields(out)
+    assert f["format"] == "nifti"
+    assert json.loads(f["shape"]) == [120, 120, 90]
+    assert json.loads(f["spacing"]) == pytest.approx([2.0, 2.0, 2.0])
+    assert float(f["min"]) >= 0 and float(f["max"]) > 100
+
+
+def _truncated_dicom(tmp: Path) -> Path:
+    from pydicom.data import get_testdata_file
+
+    raw = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    p = tmp / "truncated.dcm"
+    p.write_bytes(raw[: len(raw) // 2])  # cuts through the pixel data
+    return p
+
+
+def _garbage_nifti(tmp: Path) -> Path:
+    p = tmp / "garbage.nii.gz"
+    p.write_bytes(np.random.default_rng(0).bytes(500))
+    return p
+
+
+def _unsupported(tmp: Path) -> Path:
+    p = tmp / "image.xyz"
+    p.write_text("hello")
+    return p
+
+
+def _empty_folder(tmp: Path) -> Path:
+    p = tmp / "empty"
+    p.mkdir()
+    return p
+
+
+CORRUPT = {
+    "truncated-dicom": (_truncated_dicom, "truncated.dcm"),
+    "garbage-nifti": (_garbage_nifti, "garbage.nii.gz"),
+    "unsupported-extension": (_unsupported, "unsupported"),
+    "missing-file": (lambda t: t / "missing.nii.gz", "not found"),
+    "empty-folder": (_empty_folder, "empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_info_bad_input(tmp_path: Path, case: str) -> None:
+    make, needle = CORRUPT[case]
+    code, out, err = run_proc("info", make(tmp_path))
+    assert_one_line_error(code, err, needle)
+    assert out == ""
+
+
+# --------------------------------------------------------------------------------------------------
+# sample
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny prior: 32 px, 2-level UNet, 3 steps on brain-like blobs (trained through the CLI)."""
+    root = tmp_path_factory.mktemp("tiny_prior")
+    yy, xx = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
+    rng = np.random.default_rng(0)
+    imgs, subj = [], []
+    for s in range(3):
+        for k in range(3):
+            r = (yy / (9 + k)) ** 2 + (xx / (8 + s)) ** 2
+            imgs.append(np.where(r < 1, 120 + 80 * (1 - r) + rng.uniform(0, 20, r.shape), 0))
+            subj.append(s)
+    np.savez(root / "d.npz", images=np.stack(imgs).astype(np.uint8), subject_index=np.asarray(subj))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, _, err = run_cli("train", "--data", root / "d.npz", "--out", root / "run", "--size", SIZE, "--channels",
+                               "8,16", "--blocks", "1,1", "--batch", 4, "--steps", 3, "--val-subjects", 1,
+                               "--val-every", 100, "--no-progress")
+    finally:
+        torch.set_num_threads(n)
+    assert code == 0, err
+    return root / "run"
+
+
+def sample(model: Path, out: Path, *extra: object) -> tuple[int, str, str]:
+    return run_cli("sample", "--model", model, "--n", 4, "--steps", 3, "--out", out, *extra)
+
+
+def npz_images(folder: Path) -> np.ndarray:
+    with np.load(folder / "samples.npz") as d:
+        return d["images"]
+
+
+def test_sample_writes_all_outputs(tiny_run: Path, tmp_path: Path) -> None:
+    import nibabel as nib
+    from PIL import Image
+
+    out = tmp_path / "s"
+    code, _, err = sample(tiny_run / "checkpoint.safetensors", out)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    imgs = npz_images(out)
+    assert imgs.shape == (4, SIZE, SIZE) and imgs.dtype == np.float32
+    assert np.isfinite(imgs).all() and imgs.min() >= 0 and imgs.max() > 0
+    assert not np.allclose(imgs[0], imgs[1]), "different samples in one batch must differ"
+    vol = np.asarray(nib.load(out / "samples.nii.gz").dataobj)
+    assert vol.shape == (SIZE, SIZE, 4)
+    np.testing.assert_allclose(np.moveaxis(vol, -1, 0), imgs, rtol=1e-6)
+    grid = np.asarray(Image.open(out / "samples_grid.png"))
+    assert grid.shape == (2 * (SIZE + 2) + 2,) * 2  # 2x2 tiles with 2 px padding
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["sampler"] == "heun" and meta["steps"] == 3 and meta["seed"] == 0
+    with np.load(out / "samples.npz") as d:
+        assert json.loads(str(d["meta"])) == meta
+    # No temporary folder left next to the output.
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_sample_same_seed_same_images(tiny_run: Path, tmp_path: Path) -> None:
+    ckpt = tiny_run / "checkpoint.safetensors"
+    assert sample(ckpt, tmp_path / "a", "--seed", 7)[0] == 0
+    assert sample(ckpt, tmp_path / "b", "--seed", 7)[0] == 0
+    assert sample(ckpt, tmp_path / "c", "--seed", 8)[0] == 0
+    a, b, c = (npz_images(tmp_path / d) for d in "abc")
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c), "another seed must give other samples"
+
+
+def test_sample_from_shipped_prior(tiny_run: Path, tmp_path: Path) -> None:
+    """prior.safetensors (fp16 EMA) samples close to checkpoint.safetensors (fp32 EMA)."""
+    assert sample(tiny_run / "prior.safetensors", tmp_path / "p")[0] == 0
+    assert sample(tiny_run / "checkpoint.safetensors", tmp_path / "c")[0] == 0
+    p, c = npz_images(tmp_path / "p"), npz_images(tmp_path / "c")
+    np.testing.assert_allclose(p, c, atol=0.05 * float(c.max()))
+
+
+def test_sample_refuses_to_overwrite(tiny_run: Path, tmp_path: Path) -> None:
+    ckpt, out = tiny_run / "checkpoint.safetensors", tmp_path / "s"
+    assert sample(ckpt, out, "--seed", 1)[0] == 0
+    before = {name: (out / name).read_bytes() for name in OUTPUTS}
+    code, _, err = sample(ckpt, out, "--seed", 2)
+    assert_one_line_error(code, err, "--overwrite")
+    assert {p.name for p in out.iterdir()} == set(OUTPUTS)
+    assert {name: (out / name).read_bytes() for name in OUTPUTS} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s"], "no temporary folder may be left behind"
+    code, _, err = sample(ckpt, out, "--seed", 2, "--overwrite")
+    assert code == 0, err
+    assert {p.name for p in out.iterdir()} == set(OUTPUTS)
+    assert json.loads((out / "samples.json").read_text())["seed"] == 2
+    with np.load(BytesIO(before["samples.npz"])) as d:
+        assert not np.array_equal(npz_images(out), d["images"]), "--overwrite must replace the samples"
+
+
+@pytest.mark.parametrize("args, needle", [(("--sampler", "nope"), "unknown sampler"),
+                                          (("--n", 0), "positive")])
+def test_sample_bad_options(tiny_run: Path, tmp_path: Path, args: tuple, needle: str) -> None:
+    code, _, err = sample(tiny_run / "checkpoint.safetensors", tmp_path / "s", *args)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "s").exists()
+
+
+def test_sample_missing_model(tmp_path: Path) -> None:
+    code, _, err = sample(tmp_path / "nope.safetensors", tmp_path / "s")
+    assert_one_line_error(code, err, "no prior")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_sample_in_a_real_process(tiny_run: Path, tmp_path: Path) -> None:
+    """The console script gives the same images as the in-process CLI, and the same errors."""
+    ckpt = tiny_run / "checkpoint.safetensors"
+    code, _, err = run_proc("sample", "--model", ckpt, "--n", 4, "--steps", 3, "--out", tmp_path / "p")
+    assert code == 0, err
+    assert sample(ckpt, tmp_path / "i")[0] == 0
+    np.testing.assert_array_equal(npz_images(tmp_path / "p"), npz_images(tmp_path / "i"))
+    code, _, err = run_proc("sample", "--model", ckpt, "--n", 4, "--steps", 3, "--out", tmp_path / "p")
+    assert_one_line_error(code, err, "--overwrite")
+    code, _, err = run_proc("sample", "--model", ckpt, "--sampler", "nope", "--out", tmp_path / "q")
+    assert_one_line_error(code, err, "unknown sampler")
