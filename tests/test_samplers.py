@@ -264,3 +264,48 @@ def test_euler_on_vp_sigmas_is_ddim():
 
     out = SAMPLERS["ddim"](EpsAdapter(net, abar), x_ve, sigmas)
     assert torch.allclose(out, x_vp, rtol=0, atol=1e-9)
+
+
+def test_ddpm_step_is_the_ve_posterior_draw():
+    """One ancestral step is x' = x0 + r^2 (x - x0) + s' sqrt(1 - r^2) z with x0 = D(x, s), r = s'/s
+    (the VE form of Ho et al.'s q(x_{t-1} | x_t, x0)), z the generator's first draw."""
+    s, s_next = 2.0, 0.7
+    x = _marginal((6, 5), s, seed=12)
+    seen = []
+    SAMPLERS["ddpm"](ORACLE, x, torch.tensor([s, s_next, 0.0], dtype=torch.float64),
+                     generator=torch.Generator().manual_seed(21), callback=lambda i, xi, d: seen.append(xi))
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    x0 = ORACLE(x, torch.full((6,), s, dtype=torch.float64))
+    r = s_next / s
+    assert torch.allclose(seen[0], x0 + r**2 * (x - x0) + s_next * math.sqrt(1 - r**2) * z, rtol=0, atol=1e-12)
+
+
+def test_pc_corrector_is_song_algorithm_4():
+    """The corrector (Song et al. 2021, Alg. 4, VE, alpha = 1) with a per-item step size:
+    eps = 2 (snr |z| / |score|)^2, x' = x + eps score + sqrt(2 eps) z; observed through ``project``."""
+    s, snr = 1.5, 0.3
+    x = _marginal((4, 3, 3), s, seed=13)
+    seen = []
+
+    def spy(z, sigma):
+        seen.append((sigma, z.clone()))
+        return z
+
+    sample_pc(ORACLE, x, torch.tensor([s, 0.0], dtype=torch.float64), generator=torch.Generator().manual_seed(8),
+              project=spy, snr=snr)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    score = (ORACLE(x, torch.full((4,), s, dtype=torch.float64)) - x) / s**2
+    expected = []
+    for i in range(4):
+        eps = 2 * (snr * z[i].norm() / score[i].norm()) ** 2
+        expected.append(x[i] + eps * score[i] + (2 * eps).sqrt() * z[i])
+    assert seen[0][0] == s
+    assert torch.allclose(seen[0][1], torch.stack(expected), rtol=0, atol=1e-12)
+
+
+def test_pc_without_corrector_is_ancestral_ddpm():
+    sigmas = karras(12, SMIN, 20.0)
+    x = _marginal((5, 4), 20.0, seed=14)
+    a = sample_pc(ORACLE, x, sigmas, generator=torch.Generator().manual_seed(3), n_corrector=0)
+    b = SAMPLERS["ddpm"](ORACLE, x, sigmas, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(a, b, rtol=0, atol=1e-12)

@@ -52,8 +52,6 @@ def test_log_linear_is_geometric(n):
     assert s[-2].item() == pytest.approx(SMIN, rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="log_linear takes log10 of float32 tensors: first sigma is "
-                   "80.0000024, not 80 (relative error 3e-8); see the fix in the report")
 def test_log_linear_endpoints_exact():
     s = log_linear(10, SMIN, SMAX)
     assert s[0].item() == pytest.approx(SMAX, rel=1e-12)

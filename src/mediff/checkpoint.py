@@ -66,7 +66,10 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
         raise MediffError(f"cannot read checkpoint {path}: {exc}") from exc
     if "mediff" not in header:
         raise MediffError(f"{path} is a safetensors file without mediff metadata")
-    return tensors, json.loads(header["mediff"])
+    try:
+        return tensors, json.loads(header["mediff"])
+    except ValueError as exc:
+        raise MediffError(f"{path} has corrupt mediff metadata: {exc}") from exc
 
 
 def split_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -6,6 +6,8 @@ sampler here uses). A VP/DDPM model's discrete steps map to sigma = sqrt((1 - ab
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -25,15 +27,13 @@ def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tens
 
 def log_linear(n: int, sigma_min: float, sigma_max: float) -> Tensor:
     """Geometric spacing in sigma (the annealed-Langevin schedule of Song & Ermon 2019)."""
-    return _append_zero(torch.logspace(torch.log10(torch.tensor(sigma_max)), torch.log10(torch.tensor(sigma_min)), n,
-                                       dtype=torch.float64))
+    return _append_zero(torch.logspace(math.log10(sigma_max), math.log10(sigma_min), n, dtype=torch.float64))
 
 
 def vp_sigmas(alphas_cumprod: Tensor, n: int) -> Tensor:
-    """n of a VP model's T training steps, evenly spaced ("trailing", as DDIM), as VE sigmas + 0.
+    """n of a VP model's T training steps, evenly spaced from T-1 down to 0, as VE sigmas + 0.
 
-    The step set {T-1, T-1-T/n, ...} matches DDIM's uniform skip, so Euler on these sigmas reproduces
-    deterministic DDIM (Song et al. 2021) on the same model.
+    Euler on these sigmas is deterministic DDIM (Song et al. 2021) on the same steps of the same model.
     """
     T = len(alphas_cumprod)
     steps = torch.linspace(T - 1, 0, n, dtype=torch.float64).round().long()
