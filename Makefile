@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/mediff demo
+	$(VENV)/bin/mediff demo --out mediff-demo --overwrite
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: setup

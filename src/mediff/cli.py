@@ -41,12 +41,17 @@ def _main(
     _state["debug"] = debug
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless --overwrite (checked before any work is done)."""
+    if Path(out).exists() and not overwrite:
+        raise MediffError(f"{out} exists: pass --overwrite to replace it")
+
+
 @contextmanager
 def output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``out`` only if the body succeeds."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise MediffError(f"{out} exists: pass --overwrite to replace it")
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -130,6 +135,7 @@ def sample(
     """Draw synthetic images from a prior: PNG grid, NIfTI stack and NPZ (and DICOM with --dicom)."""
     from mediff.synthesis import sample_images, write_samples
 
+    check_output(out, overwrite)
     images, meta = sample_images(model, n=n, steps=steps, sampler=sampler, seed=seed, age=age, sex=sex,
                                  guidance=guidance)
     with output_dir(out, overwrite) as tmp:
@@ -175,11 +181,14 @@ def reconstruct(
 
 
 @app.command()
-def demo() -> None:
-    """Run mediff's main job on built-in real data (MRI reconstruction from undersampled k-space)."""
+def demo(
+    out: Path = typer.Option(Path("mediff-demo"), help="Output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Reconstruct a real brain MR slice (MNI152 T1, shipped in nilearn) from 4x undersampled k-space."""
     from mediff.demo import run_demo
 
-    run_demo()
+    run_demo(out, overwrite)
 
 
 def main() -> None:

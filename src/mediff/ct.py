@@ -12,8 +12,10 @@ This module is the only place where CT geometry lives. Conventions (shared by ev
   ``s_k = (k - (n_det-1)/2) * spacing``.
 * The discrete projector is Joseph's method (ray-driven): a ray steps one pixel at a time along its
   dominant axis, linearly interpolates the two neighbouring pixels on the other axis and weights by
-  the path length per step. It is stored once as a sparse CSR matrix together with its transpose,
-  built from the very same weights, so ``AH`` is the exact adjoint of ``A`` (to rounding).
+  the path length per step. It is built once (vectorised, no sort) as sparse CSR matrices together
+  with their transposes holding bit-identical weights, so ``AH`` is the exact adjoint of ``A`` (to
+  rounding), on CPU or GPU, float32 or float64, with autograd through the stored transpose.
+* FBP uses the Kak & Slaney spatial-domain ramp, so ``fbp(op, op.A(mu))`` returns mu in 1/mm.
 
 The image is modelled as zero outside the N x N square; rays are infinite lines (for fan beam, the
 source is required to sit outside the image so each ray crosses the object once).
@@ -34,15 +36,17 @@ from mediff.errors import MediffError
 from mediff.operators.base import LinearOperator
 
 __all__ = [
+    "FILTERS",
+    "MU_WATER_PER_MM",
     "FanBeamCT",
     "ParallelBeamCT",
     "check_hu",
     "check_sinogram",
     "fbp",
+    "filter_sinogram",
     "hu_to_mu",
     "limited_angle_angles",
     "mu_to_hu",
-    "filter_sinogram",
     "simulate_sinogram",
     "sparse_view_angles",
 ]
@@ -111,13 +115,16 @@ def _check_n(n: int) -> int:
 #
 # A y-dominant ray crosses row k at column u = alpha - k g and, by linear interpolation, sees
 # (1 - f) X[k, j0] + f X[k, j0 + 1] (j0 = floor(u), f = u - j0), weighted by the path length per
-# row L = 1/|dy|. One such *sample* is stored once, at column (k, j0 + 1) of the image padded with a
-# zero column on each side (width n + 2), with two weights w0 = L - f L and w1 = f L:
-#     A x = M0 pad(x) + M1 shift(pad(x)),   shift(z)[c] = z[c + 1],
-# where M0 and M1 share the sparsity pattern. This halves the index work compared with one entry per
-# pixel, keeps CSR columns sorted without interleaving, and the padding absorbs the image border
-# without masks. x-dominant rays are y-dominant rays of the transposed image. The transposes M0^T,
-# M1^T are enumerated directly in pixel-major order (no sort) with bit-identical weights.
+# row L = 1/|dy|. Each such *sample* belongs to column c = (k, j0 + 1) of the image padded with a
+# zero column on each side (width n + 2, so the border needs no masks) and carries two weights,
+# w0 = L - f L (for z[c]) and w1 = f L (for z[c + 1]). With M0, M1 the sample matrices:
+#     A x  = M0 z + M1 S z                   z = pad(x), (S z)[c] = z[c + 1]
+#     A^T y = pad^T (M0^T y + S^T M1^T y)
+# stored as the stacked CSR matrices [M0 ; M1 S] and [M0^T ; M1^T] (one sparse matmul each way;
+# both halves share one sparsity pattern, so stacking is concatenation, never a sort or scatter).
+# x-dominant rays are y-dominant rays of the transposed image. The transposed matrices are
+# enumerated directly in pixel-major order with bit-identical weights, which makes AH the exact
+# adjoint.
 
 
 def _group_rays(rays: Rays, transposed: bool) -> Rays:
@@ -152,11 +159,10 @@ def _sample_weights(alpha: Tensor, g: Tensor, length: Tensor, k: Tensor) -> tupl
     return j0f, length - w1, w1
 
 
-def _forward_samples(n: int, alpha: Tensor, g: Tensor, length: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Ray-major CSR parts (crow, col, val) of [M0 | M1] (R, 2 n (n + 2)): one sample per ray and row.
+def _forward_samples(n: int, alpha: Tensor, g: Tensor, length: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """CSR parts (crow, col, val) of [M0 ; M1 S] (2R, n (n + 2)) and the count of non-zero weights.
 
-    Row r lists its samples' M0 entries (columns c) and then their M1 entries (columns L + c), so the
-    columns stay sorted and one sparse matmul on the stacked input [z; shift(z)] gives A x.
+    Ray-major, one sample per ray and row: columns come out sorted within each row, as CSR requires.
     """
     R = alpha.numel()
     width = n + 2
@@ -176,9 +182,9 @@ def _forward_samples(n: int, alpha: Tensor, g: Tensor, length: Tensor) -> tuple[
     crow[1:] = counts.cumsum(0)
     total = int(crow[-1])
     offset = crow[:-1] - k_lo  # sample number s of ray r lies on row s - offset[r]
-    n_pad = n * width
-    col = torch.empty(2 * total, dtype=torch.long)
+    col = torch.empty(2 * total, dtype=torch.int32)
     val = torch.empty(2 * total, dtype=torch.float64)
+    nonzero = 0
     r0 = 0
     while r0 < R:
         s0 = int(crow[r0])
@@ -186,21 +192,19 @@ def _forward_samples(n: int, alpha: Tensor, g: Tensor, length: Tensor) -> tuple[
         s1 = int(crow[r1])
         ray = torch.repeat_interleave(torch.arange(r0, r1), counts[r0:r1], output_size=s1 - s0)
         k = torch.arange(s0, s1) - offset.index_select(0, ray)
-        j0f, a0, a1 = _sample_weights(alpha.index_select(0, ray), g.index_select(0, ray),
+        j0f, w0, w1 = _sample_weights(alpha.index_select(0, ray), g.index_select(0, ray),
                                       length.index_select(0, ray), k.double())
         # Margin samples outside the padded image keep their slot (columns stay sorted and distinct,
         # one sample per row) with zero weights.
         outside = (j0f < -1.0) | (j0f > n - 1.0)
         c0 = k * width + (j0f.clamp_(-1.0, n - 1.0).long() + 1)
-        s = torch.arange(s0, s1)
-        dest0 = s + crow.index_select(0, ray)  # 2 crow[r] + (s - crow[r])
-        dest1 = s + crow.index_select(0, ray + 1)  # after the ray's M0 entries
-        col.index_copy_(0, dest0, c0)
-        col.index_copy_(0, dest1, c0 + n_pad)
-        val.index_copy_(0, dest0, a0.masked_fill_(outside, 0.0))
-        val.index_copy_(0, dest1, a1.masked_fill_(outside, 0.0))
+        col[s0:s1] = c0
+        col[total + s0 : total + s1] = c0 + 1  # M1 S reads z[c + 1]
+        val[s0:s1] = w0.masked_fill_(outside, 0.0)
+        val[total + s0 : total + s1] = w1.masked_fill_(outside, 0.0)
+        nonzero += int(torch.count_nonzero(w0)) + int(torch.count_nonzero(w1))
         r0 = r1
-    return 2 * crow, col, val
+    return torch.cat([crow, crow[1:] + total]), col, val, nonzero
 
 
 def _adjoint_samples(
@@ -213,8 +217,8 @@ def _adjoint_samples(
     n_views: int,
     transposed: bool,
     det_index: DetIndexFn,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Pixel-major CSR parts (crow, col, val) of [M0^T ; M1^T] (2 n (n + 2), R), enumerated directly.
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """CSR parts (crow, col, val) of [M0^T ; M1^T] (2 n (n + 2), R) and the count of non-zero weights.
 
     Padded pixel (k, j0 + 1) holds the samples of rays crossing row k at u in [j0, j0 + 1). For each
     such pixel and each view the candidate rays are found by projecting that segment of the row onto
@@ -235,7 +239,7 @@ def _adjoint_samples(
     n_pad = n * width
     crow = torch.zeros(n_pad + 1, dtype=torch.long)
     cols, w0s, w1s = [], [], []
-    kept = 0
+    kept = nonzero = 0
     p_step = max(width, (_CHUNK // (2 * V)) // width * width)  # whole padded rows per chunk
     for p0 in range(0, n_pad, p_step):
         pix = torch.arange(p0, min(n_pad, p0 + p_step))
@@ -263,26 +267,40 @@ def _adjoint_samples(
         j0f, w0, w1 = _sample_weights(alpha.index_select(0, lid), g.index_select(0, lid),
                                       length.index_select(0, lid), kk.index_select(0, q))
         sel = (j0f == j0.index_select(0, q)).nonzero().squeeze(1)
-        cols.append(lid.index_select(0, sel))
+        cols.append(lid.index_select(0, sel).to(torch.int32))
         w0s.append(w0.index_select(0, sel))
         w1s.append(w1.index_select(0, sel))
+        nonzero += int(torch.count_nonzero(w0s[-1])) + int(torch.count_nonzero(w1s[-1]))
         counts = torch.bincount(q.index_select(0, sel), minlength=pix.numel())
         crow[p0 + 1 : p0 + 1 + pix.numel()] = kept + counts.cumsum(0)
         kept += int(sel.numel())
-    col = torch.cat(cols)
-    # Stack M0^T over M1^T: same pattern, second block's row pointers continue after the first.
-    return torch.cat([crow, crow[1:] + kept]), torch.cat([col, col]), torch.cat(w0s + w1s)
+    # Stack M0^T over M1^T: same pattern, the second block's row pointers continue after the first.
+    col = torch.empty(2 * kept, dtype=torch.int32)
+    val = torch.empty(2 * kept, dtype=torch.float64)
+    pos = 0
+    for c_part, w0_part, w1_part in zip(cols, w0s, w1s):
+        m = c_part.numel()
+        col[pos : pos + m] = c_part
+        col[kept + pos : kept + pos + m] = c_part
+        val[pos : pos + m] = w0_part
+        val[kept + pos : kept + pos + m] = w1_part
+        pos += m
+    return torch.cat([crow, crow[1:] + kept]), col, val, nonzero
 
 
 @contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run the matrix construction on one intra-op thread, then restore the setting.
+def _cpu_threads(n_threads: int | None, device: torch.device | None = None) -> Iterator[None]:
+    """Temporarily use ``n_threads`` intra-op CPU threads (None or a CUDA device: leave as is).
 
-    Construction is thousands of medium-sized tensor ops; on a small shared machine every OpenMP
-    region waits for a busy second core, which made it 2-4x slower than one thread (measured).
+    On a small machine shared with other jobs every OpenMP region (elementwise ops, MKL sparse
+    matmuls) waits for a busy core: on the 2-core dev box A+AH took 0.45 s with 2 threads vs 0.11 s
+    with 1, and tiny products 12 ms vs 13 us. The setting is process-wide, so it is restored on exit.
     """
+    if n_threads is None or (device is not None and device.type != "cpu"):
+        yield
+        return
     prev = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n_threads)
     try:
         yield
     finally:
@@ -296,12 +314,17 @@ class _Group:
         self.ray_ids, self.transposed, self.mat, self.mat_t = ray_ids, transposed, mat, mat_t
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "_Group":
-        return _Group(self.ray_ids.to(device), self.transposed, self.mat.to(device=device, dtype=dtype),
-                      self.mat_t.to(device=device, dtype=dtype))
+        def conv(m: Tensor) -> Tensor:
+            # Rebuild from the parts so that a dtype-only change shares the index tensors.
+            return _csr(m.crow_indices().to(device), m.col_indices().to(device),
+                        m.values().to(device=device, dtype=dtype), tuple(m.shape))  # type: ignore[arg-type]
+
+        return _Group(self.ray_ids.to(device), self.transposed, conv(self.mat), conv(self.mat_t))
 
 
 def _csr(crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int]) -> Tensor:
     # int32 indices: MKL / cuSPARSE use them natively; int64 made CPU matmuls ~3x slower (measured).
+    # (.to(int32) is a no-op on tensors that already are int32.)
     with warnings.catch_warnings():  # torch flags CSR as "beta" on first use; the ops used here are stable
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow.to(torch.int32), col.to(torch.int32), val, shape,
@@ -320,14 +343,15 @@ def _build_groups(n: int, rays: Rays, n_views: int, n_det: int, det_index: DetIn
         if ids.numel() == 0:
             continue
         alpha, g, length = _ray_coeffs(n, _group_rays((ox[ids], oy[ids], dx[ids], dy[ids]), transposed))
-        crow, col, val = _forward_samples(n, alpha, g, length)
-        crow_t, col_t, val_t = _adjoint_samples(n, alpha, g, length, ids, n_det, n_views, transposed, det_index)
+        length = length * scale  # path length per step in mm: both enumerations use these values
+        crow, col, val, nz = _forward_samples(n, alpha, g, length)
+        crow_t, col_t, val_t, nz_t = _adjoint_samples(n, alpha, g, length, ids, n_det, n_views, transposed,
+                                                      det_index)
         # Both enumerations must find the same weights (cheap guard against a geometry bug).
-        nz, nz_t = val != 0, val_t != 0
-        if int(nz.sum()) != int(nz_t.sum()) or not bool(torch.isclose(val.sum(), val_t.sum(), rtol=1e-12)):
+        if nz != nz_t or not bool(torch.isclose(val.sum(), val_t.sum(), rtol=1e-12)):
             raise RuntimeError("internal error: CT matrix and its transpose disagree")  # pragma: no cover
-        groups.append(_Group(ids, transposed, _csr(crow, col, val * scale, (ids.numel(), 2 * n_pad)),
-                             _csr(crow_t, col_t, val_t * scale, (2 * n_pad, ids.numel()))))
+        groups.append(_Group(ids, transposed, _csr(crow, col, val, (2 * ids.numel(), n_pad)),
+                             _csr(crow_t, col_t, val_t, (2 * n_pad, ids.numel()))))
     return groups
 
 
@@ -337,11 +361,11 @@ def _matmul(groups: list[_Group], x: Tensor, n: int, m: int) -> Tensor:
     img = x.reshape(b, n, n)
     y = x.new_zeros(m, b)
     for grp in groups:
-        # Zero column on each side, flattened, one trailing zero; then [z ; shift(z)] as columns.
-        z = torch.nn.functional.pad(
-            torch.nn.functional.pad(img.transpose(1, 2) if grp.transposed else img, (1, 1)).reshape(b, -1), (0, 1)
-        )
-        y[grp.ray_ids] = grp.mat @ torch.cat([z[:, :-1], z[:, 1:]], 1).T
+        # Zero column on each side, flattened, items as columns: z (n (n + 2), B).
+        z = torch.nn.functional.pad(img.transpose(1, 2) if grp.transposed else img, (1, 1)).reshape(b, -1).T
+        both = grp.mat @ z.contiguous()  # [M0 z ; M1 S z]
+        r = grp.ray_ids.numel()
+        y[grp.ray_ids] = both[:r] + both[r:]
     return y.T
 
 
@@ -395,13 +419,17 @@ class _JosephCT(LinearOperator):
     n_detectors: int
     pixel_size_mm: float
 
-    def _init_common(self, n: int, angles_deg: Tensor, n_det: int, pixel_size_mm: float) -> None:
+    def _init_common(self, n: int, angles_deg: Tensor, n_det: int, pixel_size_mm: float,
+                     cpu_threads: int | None) -> None:
         if int(n_det) != n_det or n_det < 1:
             raise MediffError(f"n_detectors must be a positive integer, got {n_det!r}")
         if not (math.isfinite(float(pixel_size_mm)) and float(pixel_size_mm) > 0):
             raise MediffError(f"pixel_size_mm must be > 0, got {pixel_size_mm!r}")
-        self._set(n=n, angles_deg=angles_deg, n_detectors=int(n_det), pixel_size_mm=float(pixel_size_mm))
-        with _single_thread():
+        if cpu_threads is not None and (int(cpu_threads) != cpu_threads or cpu_threads < 1):
+            raise MediffError(f"cpu_threads must be a positive integer or None, got {cpu_threads!r}")
+        self._set(n=n, angles_deg=angles_deg, n_detectors=int(n_det), pixel_size_mm=float(pixel_size_mm),
+                  cpu_threads=None if cpu_threads is None else int(cpu_threads))
+        with _cpu_threads(self.cpu_threads):
             groups = _build_groups(n, self._rays(), self.n_views, self.n_detectors, self._det_index,
                                    self.pixel_size_mm)
         # Cache of the matrices per (device, dtype); filled lazily, the float64 CPU copy is the master.
@@ -448,12 +476,14 @@ class _JosephCT(LinearOperator):
 
     def _forward_raw(self, x: Tensor) -> Tensor:
         dt = self._work_dtype(x)
-        y = _matmul(self._mats(x.device, dt), x.to(dt), self.n, self.n_views * self.n_detectors)
+        with _cpu_threads(self.cpu_threads, x.device):
+            y = _matmul(self._mats(x.device, dt), x.to(dt), self.n, self.n_views * self.n_detectors)
         return y.reshape(x.shape[0], 1, self.n_views, self.n_detectors).to(x.dtype)
 
     def _adjoint_raw(self, y: Tensor) -> Tensor:
         dt = self._work_dtype(y)
-        x = _matmul_t(self._mats(y.device, dt), y.to(dt).reshape(y.shape[0], -1), self.n)
+        with _cpu_threads(self.cpu_threads, y.device):
+            x = _matmul_t(self._mats(y.device, dt), y.to(dt).reshape(y.shape[0], -1), self.n)
         return x.to(y.dtype)
 
     # LinearOperator API ---------------------------------------------------------------------------
@@ -477,7 +507,10 @@ class ParallelBeamCT(_JosephCT):
     ``n_detectors``: number of bins of width one pixel; default covers the image diagonal (smallest
     count >= N*sqrt(2) with the parity of N, so bins line up with pixel centres at 0 degrees).
     ``pixel_size_mm``: pixel side; line integrals of an image in 1/mm come out dimensionless.
-    Memory: about 2 x 1.8 N^2 n_views stored weights (256^2 x 180 views: ~21 M, ~250 MB in float64).
+    ``cpu_threads``: intra-op threads for CPU construction / products (default 1, best on small
+    shared machines; None keeps torch's setting, e.g. on a dedicated many-core CPU). CUDA ignores it.
+    Memory: ~0.9 N^2 n_views samples, ~48 bytes each for A and A^T in float64 (256^2 x 180 views:
+    ~0.5 GB); a float32 copy (made on first float32 use) adds ~16 bytes per sample.
     """
 
     def __init__(
@@ -486,12 +519,13 @@ class ParallelBeamCT(_JosephCT):
         angles_deg: Tensor | Sequence[float] | np.ndarray,
         n_detectors: int | None = None,
         pixel_size_mm: float = 1.0,
+        cpu_threads: int | None = 1,
     ) -> None:
         n = _check_n(n)
         if n_detectors is None:
             n_detectors = math.ceil(n * math.sqrt(2.0) - 1e-9)
             n_detectors += (n_detectors - n) % 2
-        self._init_common(n, _as_angles(angles_deg), n_detectors, pixel_size_mm)
+        self._init_common(n, _as_angles(angles_deg), n_detectors, pixel_size_mm, cpu_threads)
 
     def _rays(self) -> Rays:
         th = torch.deg2rad(self.angles_deg)[:, None]
@@ -515,6 +549,7 @@ class FanBeamCT(_JosephCT):
     along ``(cos beta, sin beta)``. Distances and spacing are in mm (pixel units when pixel_size_mm=1).
     Defaults: ``detector_spacing`` = magnification x pixel size (one pixel at the isocentre) and
     ``n_detectors`` covering the image's circumscribed circle. FBP needs views over 360 degrees.
+    ``cpu_threads`` as for ParallelBeamCT. Fan angles of 90 degrees or more are rejected.
     """
 
     def __init__(
@@ -526,6 +561,7 @@ class FanBeamCT(_JosephCT):
         n_detectors: int | None = None,
         detector_spacing: float | None = None,
         pixel_size_mm: float = 1.0,
+        cpu_threads: int | None = 1,
     ) -> None:
         n = _check_n(n)
         px = float(pixel_size_mm)
@@ -554,7 +590,7 @@ class FanBeamCT(_JosephCT):
             raise MediffError(f"fan angle {fan:.1f} deg >= 90 deg is not supported; use a smaller detector")
         self._set(source_distance=float(source_distance), detector_distance=float(detector_distance),
                   detector_spacing=spacing * px, fan_angle_deg=fan, _rs=r_s, _rd=r_d, _spacing=spacing)
-        self._init_common(n, _as_angles(angles_deg), int(n_detectors), px)
+        self._init_common(n, _as_angles(angles_deg), int(n_detectors), px, cpu_threads)
 
     def _frame(self) -> tuple[Tensor, Tensor]:
         b = torch.deg2rad(self.angles_deg)
@@ -590,6 +626,8 @@ def check_sinogram(sino: Tensor, op: LinearOperator, finite: bool = True) -> Non
     (and, with ``finite``, free of NaN/inf)."""
     if not isinstance(sino, Tensor):
         raise MediffError(f"sinogram must be a torch.Tensor, got {type(sino).__name__}")
+    if not hasattr(op, "n_views") or not hasattr(op, "n_detectors"):
+        raise MediffError(f"{type(op).__name__} is not a CT operator (no n_views / n_detectors)")
     want = (1, op.n_views, op.n_detectors)
     if sino.dim() != 4 or tuple(sino.shape[1:]) != want:
         raise MediffError(f"sinogram must have shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(sino.shape)}")
@@ -661,40 +699,67 @@ def _fan_backproject(op: "FanBeamCT", q: Tensor) -> Tensor:
     # A zero bin on each side of every view: out-of-detector samples read 0 without branching.
     qp = torch.nn.functional.pad(q.to(dt).reshape(b, n_views, n_det), (1, 1)).reshape(b, -1)
     beta = torch.deg2rad(op.angles_deg)
+    cos_b, sin_b = torch.cos(beta), torch.sin(beta)
     out = torch.zeros(b, n * n, dtype=dt, device=dev)
     step = max(1, _CHUNK // (n * n))  # views per chunk, temporaries kept cache-sized
     for v0 in range(0, n_views, step):
-        views = torch.arange(v0, min(n_views, v0 + step))
-        idx = op._det_index(views, xs, ys).clamp_(-1.0, float(n_det))  # (N*N, Vc)
+        v1 = min(n_views, v0 + step)
+        # Same mapping as FanBeamCT._det_index, sharing the denominator with the distance weight.
+        inv = 1.0 / (op._rs + (ys * cos_b[v0:v1] - xs * sin_b[v0:v1]))  # 1 / (R_s + X.e), (N*N, Vc)
+        along_t = xs * cos_b[v0:v1] + ys * sin_b[v0:v1]
+        idx = (along_t * inv).mul_((op._rs + op._rd) / op._spacing).add_((n_det - 1) / 2.0).clamp_(-1.0, float(n_det))
         i0 = torch.floor(idx)
-        lin = (views[None, :] * (n_det + 2) + i0.long() + 1).to(dev)
-        f = (idx - i0).to(device=dev, dtype=dt)
-        # idx == n_det reads the right pad; its +1 neighbour (next view's left pad or the end) is 0.
+        # Flat index into the padded views; idx == n_det reads the right pad, whose +1 neighbour
+        # (next view's left pad, or clamped to the very last pad) is 0 as well.
+        lin = (i0.long() + 1).add_(torch.arange(v0, v1)[None, :] * (n_det + 2)).to(dev)
         lin1 = (lin + 1).clamp_max_(n_views * (n_det + 2) - 1)
-        along_e = -xs * torch.sin(beta[views]) + ys * torch.cos(beta[views])
-        weight = ((op._rs / (op._rs + along_e)) ** 2).to(device=dev, dtype=dt)
+        f = (idx - i0).to(device=dev, dtype=dt)
+        weight = (inv * op._rs).square_().to(device=dev, dtype=dt)
         out = out + ((qp[:, lin] * (1.0 - f) + qp[:, lin1] * f) * weight).sum(-1)
     return out.reshape(b, 1, n, n)
+
+
+def _median_step_rad(angles_deg: Tensor) -> float:
+    """Median spacing of the sorted view angles, in radians (0 for a single view)."""
+    steps = torch.sort(angles_deg).values.diff()
+    return math.radians(float(steps.median())) if steps.numel() else 0.0
+
+
+def _max_circular_gap_deg(angles_deg: Tensor) -> float:
+    """Largest gap between neighbouring view angles on the 360-degree circle."""
+    a = torch.sort(torch.remainder(angles_deg, 360.0)).values
+    return float(torch.cat([a.diff(), (a[:1] + 360.0 - a[-1:])]).max())
 
 
 def fbp(op: LinearOperator, sino: Tensor, filter: str = "ramp") -> Tensor:
     """Filtered back-projection: sinogram (B, 1, V, D) of line integrals -> attenuation (B, 1, N, N) in 1/mm.
 
     Parallel beam: Kak & Slaney ramp (optionally apodised) along the detector, then the exact adjoint
-    ``op.AH`` times pi / V: views are assumed uniform over 180 degrees; fewer or limited-angle views
-    give the usual streak / missing-wedge artefacts. Fan beam (flat detector): weighted filtering
-    (cosine pre-weight, ramp on the detector scaled to the isocentre, 1/U^2 distance weight), views
-    assumed uniform over 360 degrees (weight 2 pi / V).
+    ``op.AH``, each view weighted d(theta) = min(pi / V, median angular step). That is exact for views
+    uniform over 180 (or 360) degrees; limited-angle sets keep their true step (missing wedge stays
+    missing, no extrapolation). Fan beam (flat detector): weighted filtering (cosine pre-weight, ramp
+    on the detector scaled to the isocentre, 1/U^2 distance weight), views over a full 360 degrees
+    (weight 2 pi / V); short scans (Parker weights) are not implemented and raise MediffError.
     """
     if not isinstance(op, (ParallelBeamCT, FanBeamCT)):
         raise MediffError(f"fbp needs a ParallelBeamCT or FanBeamCT, got {type(op).__name__}")
     check_sinogram(sino, op)
+    with _cpu_threads(op.cpu_threads, sino.device):
+        return _fbp(op, sino, filter)
+
+
+def _fbp(op: "ParallelBeamCT | FanBeamCT", sino: Tensor, filter: str) -> Tensor:
     px = op.pixel_size_mm
     if isinstance(op, ParallelBeamCT):
         q = filter_sinogram(sino, filter, spacing=1.0)  # detector bins are one pixel wide
+        d_theta = math.pi / op.n_views
+        if op.n_views > 1:
+            d_theta = min(d_theta, _median_step_rad(op.angles_deg))
         # op.AH spreads each value with total weight ~1 per view and pixel but carries one factor
-        # pixel_size_mm (path lengths in mm); pi / V is d(theta). Result in 1/pixel -> 1/mm.
-        return op.AH(q) * (math.pi / op.n_views) / (px * px)
+        # pixel_size_mm (path lengths in mm). Result in 1/pixel -> 1/mm.
+        return op.AH(q) * d_theta / (px * px)
+    if op.n_views < 2 or _max_circular_gap_deg(op.angles_deg) > 2.0 * 360.0 / op.n_views + 1e-6:
+        raise MediffError("fan-beam FBP needs views spread uniformly over 360 degrees (short scans are not supported)")
     # Rescale the flat detector to a virtual one through the isocentre (magnification M).
     mag = (op._rs + op._rd) / op._rs
     p = op._det_offsets() / mag  # virtual detector coordinates, pixels
@@ -763,17 +828,18 @@ def simulate_sinogram(
     Randomness comes only from ``generator`` (required when noise is simulated); the global torch
     RNG is never touched. Returns (B, 1, n_views, n_detectors) in the dtype of ``mu_image``.
     """
-    p = op.A(mu_image)
+    # Validate everything before the (possibly large) projection.
     if dose_I0 is None:
         if electronic_noise_sigma:
             raise MediffError("electronic_noise_sigma is in detector counts and needs dose_I0")
-        return p
+        return op.A(mu_image)
     if not (math.isfinite(float(dose_I0)) and float(dose_I0) > 0):
         raise MediffError(f"dose_I0 must be a positive photon count, got {dose_I0!r}")
     if not (math.isfinite(float(electronic_noise_sigma)) and float(electronic_noise_sigma) >= 0):
         raise MediffError(f"electronic_noise_sigma must be >= 0, got {electronic_noise_sigma!r}")
     if generator is None:
         raise MediffError("simulate_sinogram needs an explicit torch.Generator for reproducible noise")
+    p = op.A(mu_image)
     # Poisson sampling in float64: float32 rates lose integer resolution above ~1.6e7 counts.
     rate = float(dose_I0) * torch.exp(-p.detach().double())
     counts = torch.poisson(rate, generator=generator)

@@ -301,7 +301,7 @@ def _phase_align(maps: Tensor) -> Tensor:
     return (flat * rot).reshape(maps.shape)
 
 
-def _espirit(ksp: Tensor, calib: int, kernel: int, threshold: float, crop: float) -> Tensor:
+def _espirit(ksp: Tensor, calib: tuple[int, int], kernel: int, threshold: float, crop: float) -> Tensor:
     """ESPIRiT (Uecker et al. 2014) maps for one k-space (C, H, W), complex128, zero where cropped.
 
     1. Calibration matrix: every kernel x kernel patch of the calib block (all coils) is a row.
@@ -314,7 +314,7 @@ def _espirit(ksp: Tensor, calib: int, kernel: int, threshold: float, crop: float
     Building g (size (2k-1)^2) first costs C^2 small FFTs instead of one (H, W) FFT per kernel.
     """
     c, h, w = ksp.shape
-    cal = ksp[:, _centre_idx(h, calib)][:, :, _centre_idx(w, calib)].unsqueeze(0)
+    cal = ksp[:, _centre_idx(h, calib[0])][:, :, _centre_idx(w, calib[1])].unsqueeze(0)
     # unfold (real-only op; it is linear, so split real/imag) -> (C*k*k, n_patches), ordered (coil, tap)
     unfold = torch.nn.functional.unfold
     mat = (unfold(cal.real, kernel) + 1j * unfold(cal.imag, kernel))[0].T  # rows = patches
@@ -359,10 +359,12 @@ def _lowres_maps(ksp: Tensor, calib: int, support_threshold: float) -> Tensor:
 
 
 def estimate_coil_maps(
-    kspace: Tensor, calib_size: int = 24, method: str = "espirit", kernel_size: int = 6,
+    kspace: Tensor, calib_size: int | tuple[int, int] = 24, method: str = "espirit", kernel_size: int = 6,
     threshold: float = 0.02, crop: float = 0.95, support_threshold: float = 0.05,
 ) -> Tensor:
-    """Coil maps from k-space (C, H, W) or (B, C, H, W) with a fully-sampled calib_size^2 centre.
+    """Coil maps from k-space (C, H, W) or (B, C, H, W) with a fully-sampled centre of calib_size^2, or
+    (rows, cols) for ESPIRiT: 1D Cartesian masks sample every row of their centre columns, and a tall
+    calibration block gives ESPIRiT enough patches when the centre is only ~10 columns wide.
 
     method="espirit": ESPIRiT (own implementation; see ``_espirit``), support = top eigenvalue > crop.
     method="lowres": Hann-windowed calibration -> low-resolution coil images / RSS, support = RSS >
@@ -376,19 +378,19 @@ def estimate_coil_maps(
     if k.dim() != 3:
         raise MediffError(f"k-space for coil estimation must be (C, H, W) or (B, C, H, W), got {tuple(k.shape)}")
     c, h, w = k.shape
-    calib_size = int(calib_size)
+    cal = (int(calib_size), int(calib_size)) if np.isscalar(calib_size) else tuple(int(v) for v in calib_size)
     if method not in ("espirit", "lowres"):
         raise MediffError(f"unknown coil-map method {method!r}; choose 'espirit' or 'lowres'")
-    if calib_size < 2 or calib_size > min(h, w):
+    if min(cal) < 2 or cal[0] > h or cal[1] > w:
         raise MediffError(f"calib_size must be in [2, {min(h, w)}], got {calib_size}")
-    if method == "espirit" and not (1 <= kernel_size < calib_size):
+    if method == "espirit" and not (1 <= kernel_size < min(cal)):
         raise MediffError(f"ESPIRiT kernel_size {kernel_size} must be smaller than calib_size {calib_size}")
     if not bool(torch.isfinite(torch.view_as_real(_as_complex(k))).all()):
         raise MediffError("k-space contains NaN or inf")
     out_dtype = _as_complex(k[:1, :1, :1]).dtype
     k64 = _as_complex(k).to(torch.complex128)
-    maps = _espirit(k64, calib_size, int(kernel_size), threshold, crop) if method == "espirit" else _lowres_maps(
-        k64, calib_size, support_threshold
+    maps = _espirit(k64, cal, int(kernel_size), threshold, crop) if method == "espirit" else _lowres_maps(
+        k64, min(cal), support_threshold
     )
     return _phase_align(maps).to(device=k.device, dtype=out_dtype)
 

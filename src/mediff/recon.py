@@ -110,8 +110,8 @@ def _pick_slice(img: io.MedicalImage, slice_index: int | None) -> tuple[np.ndarr
 
 
 def _scale_of(op: LinearOperator, y: Tensor) -> float:
-    zf = op.AH(y).abs()
-    s = float(torch.quantile(zf.flatten().float(), 0.995))
+    """The 99.5th percentile of the (coil-combined) zero-filled magnitude: the problem's intensity unit."""
+    s = float(torch.quantile(op.AH(y).abs().flatten().float(), 0.995))
     if not np.isfinite(s) or s <= 0:
         raise MediffError("k-space gives an all-zero image: nothing to reconstruct")
     return s
@@ -127,28 +127,36 @@ def prepare_mri(path: Path, size: int, accel: float, mask_kind: str = "random1d"
     image, affine, note = _pick_slice(img, slice_index)
     if not np.isfinite(image).all():
         raise MediffError(f"{path} contains NaN or infinite values")
-    image = np.clip(image, 0, None)
-    work, back, fit_note = _fit(image, size)
-    notes = [n for n in (note, fit_note) if n]
-    notes.append("k-space simulated from a magnitude image (retrospective undersampling)")
-    m = make_mask(mask_kind, work.shape, accel, center_fraction, seed)
-    x = torch.from_numpy(work)[None, None].to(torch.complex64)
-    calib = max(4, round(work.shape[1] * center_fraction))
-    ref_scale = float(np.percentile(work, 99.5)) or 1.0
+    work, back, fit_note = _fit(np.clip(image, 0, None), size)
+    task = simulate_task(work, accel, mask_kind, center_fraction, seed, coils, noise)
+    task.to_input, task.affine = back, affine
+    task.notes[:0] = [n for n in (note, fit_note) if n]
+    return task
+
+
+def simulate_task(image: np.ndarray, accel: float, mask_kind: str = "random1d", center_fraction: float = 0.08,
+                  seed: int = 0, coils: int = 1, noise: float = 0.0) -> MRITask:
+    """The MRI problem of a fully-sampled magnitude image (H, W) on the working grid: mask, optional
+    simulated coils (maps then re-estimated from the data by ESPIRiT) and noise, all from ``seed``."""
+    m = make_mask(mask_kind, image.shape, accel, center_fraction, seed)
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(torch.complex64)
+    calib = max(4, round(image.shape[1] * center_fraction))
+    ref_scale = float(np.percentile(image, 99.5)) or 1.0
     gen = torch.Generator().manual_seed(seed)
-    maps = simulate_coil_maps(work.shape, coils) if coils > 1 else None
+    maps = simulate_coil_maps(image.shape, coils) if coils > 1 else None
     k = simulate_kspace(x, m.mask, coil_maps=maps, noise_sigma=noise * ref_scale, generator=gen)
+    notes = ["k-space simulated from a magnitude image (retrospective undersampling)"]
     if coils > 1:
         notes.append(f"{coils} coils simulated; sensitivities estimated from the data by ESPIRiT ({calib} calibration lines)")
-        op: LinearOperator = MultiCoilMRI(m.mask, estimate_coil_maps(k[0], calib_size=calib))
+        op: LinearOperator = MultiCoilMRI(m.mask, coil_maps_1d(k[0], calib))
     else:
         op = SingleCoilMRI(m.mask)
     scale = _scale_of(op, k)
-    ref = torch.from_numpy(work)[None, None] / scale
+    ref = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None] / scale
     info = {"source": "simulated from image", "accel": m.accel, "mask": mask_kind, "center_fraction": center_fraction,
             "coils": coils, "noise": noise}
-    return MRITask(op, k / scale, lowres_phase(k, op, calib), noise * ref_scale / scale, scale, ref, m.mask, back,
-                   affine, notes, info)
+    return MRITask(op, k / scale, lowres_phase(k, op, calib), noise * ref_scale / scale, scale, ref, m.mask,
+                   lambda a: a, np.eye(4), notes, info)
 
 
 def _prepare_kspace(path: Path, fmt: str, accel: float, mask_kind: str, center_fraction: float, seed: int,
@@ -191,7 +199,7 @@ def _prepare_kspace(path: Path, fmt: str, accel: float, mask_kind: str, center_f
     if calib < 4:
         raise MediffError("the mask has no fully-sampled centre: phase and coil maps cannot be calibrated")
     c = y.shape[1]
-    op: LinearOperator = MultiCoilMRI(mask, estimate_coil_maps(y[0], calib_size=calib)) if c > 1 else SingleCoilMRI(mask)
+    op: LinearOperator = MultiCoilMRI(mask, coil_maps_1d(y[0], calib)) if c > 1 else SingleCoilMRI(mask)
     if c > 1:
         notes.append(f"{c}-coil data; sensitivities estimated by ESPIRiT from {calib} calibration lines")
     # A reference exists only when the file holds fully-sampled k-space (retrospective undersampling).
@@ -218,6 +226,14 @@ def _prepare_kspace(path: Path, fmt: str, accel: float, mask_kind: str, center_f
     info = {"source": "k-space file", "accel": float(mask.size / mask.sum()), "coils": c}
     return MRITask(op, y / scale, phase, 0.0, scale, None if ref is None else ref / scale, mask, back, np.eye(4),
                    notes, info)
+
+
+def coil_maps_1d(kspace: Tensor, calib_cols: int) -> Tensor:
+    """ESPIRiT maps (C, H, W) from k-space whose ``calib_cols`` centre columns are fully sampled: the
+    calibration block is every row of those columns, with a kernel that fits their width (a square
+    10 x 10 block with a 6 x 6 kernel leaves too few patches and the support collapses)."""
+    return estimate_coil_maps(kspace, calib_size=(kspace.shape[-2], calib_cols),
+                              kernel_size=max(3, min(6, calib_cols // 2 - 1)))
 
 
 def _rss_from_full(full: Tensor) -> Tensor:

@@ -49,6 +49,17 @@ def posterior_var(sigma: Tensor, sigma_data: float) -> Tensor:
     return sigma**2 * sigma_data**2 / (sigma**2 + sigma_data**2)
 
 
+def _noise_var(problem: Problem, x: Tensor) -> float:
+    """Likelihood noise variance on the scale of a real/complex prior variance r^2 of ``x``.
+
+    A complex y with E|n|^2 = sy^2 per entry has variance sy^2 / 2 per real component; for a real x
+    (e.g. ``PhaseModulated``) the likelihood exp(-|y - A z|^2 / sy^2) pairs with the prior
+    exp(-|z - D|^2 / (2 r^2)), so the effective variance is sy^2 / 2. Real y, or complex x and y: sy^2.
+    """
+    v = problem.noise_sigma**2
+    return v / 2 if problem.y.is_complex() and not x.is_complex() else v
+
+
 def _item(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
@@ -65,7 +76,7 @@ def prox_guidance(denoiser: Denoiser, problem: Problem, sigma_data: float, cg_it
 
     def guided(x: Tensor, sigma: Tensor) -> Tensor:
         d = denoiser(x, sigma)
-        lam = problem.noise_sigma**2 / posterior_var(sigma.double(), sigma_data)
+        lam = _noise_var(problem, d) / posterior_var(sigma.double(), sigma_data)
         return prox_data_consistency(problem, d, lam, cg_iters)
 
     return guided
@@ -83,7 +94,7 @@ def grad_guidance(denoiser: Denoiser, problem: Problem, sigma_data: float, zeta:
         r2 = posterior_var(sigma.to(x.dtype), sigma_data)
         # d/dx of 0.5||A D(x) - y||^2 is J^T A^H (A D - y); J ~ r^2/sigma^2 for a Gaussian, so sigma^2 * vjp
         # estimates r^2 A^H(A D - y) projected through the network's Jacobian.
-        weight = zeta * sigma.to(x.dtype) ** 2 / (problem.noise_sigma**2 + r2)
+        weight = zeta * sigma.to(x.dtype) ** 2 / (_noise_var(problem, x) + r2)
         return d.detach() - _item(weight, x) * vjp
 
     return guided

@@ -161,25 +161,29 @@ def conjugate_gradient(
 ) -> Tensor:
     """Solve normal(x) = rhs for a Hermitian positive (semi-)definite ``normal``, batched per item.
 
-    Runs at most ``iters`` iterations from ``x0``; items whose residual drops below ``tol * ||rhs||``
-    stop updating. Shared by DDS data consistency and the compressed-sensing baselines.
+    Runs at most ``iters`` iterations from ``x0``. An item stops updating once its residual is below
+    max(tol, 10 eps) * ||rhs|| (eps of the dtype): past that point round-off, not information, would
+    set the step. Shared by DDS/DDNM data consistency and the compressed-sensing baselines.
     """
     x = x0
     r = rhs - normal(x)
     p = r
     rs = inner(r, r).real
-    stop = tol * inner(rhs, rhs).real.sqrt()
+    eps = torch.finfo(rs.dtype).eps
+    stop = (max(tol, 10 * eps) ** 2) * inner(rhs, rhs).real
     shape = (-1,) + (1,) * (x.dim() - 1)
     for _ in range(iters):
-        if bool((rs.sqrt() <= stop).all()):
+        active = rs > stop
+        if not bool(active.any()):
             break
         ap = normal(p)
         denom = inner(p, ap).real
-        alpha = torch.where(denom > 0, rs / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(rs))
+        ok = active & (denom > 0)
+        alpha = torch.where(ok, rs / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(rs))
         x = x + alpha.view(shape).to(x.dtype) * p
         r = r - alpha.view(shape).to(r.dtype) * ap
         rs_new = inner(r, r).real
-        beta = torch.where(rs > 0, rs_new / rs.clamp_min(torch.finfo(rs.dtype).tiny), torch.zeros_like(rs))
+        beta = torch.where(ok, rs_new / torch.where(ok, rs, torch.ones_like(rs)), torch.zeros_like(rs))
         p = r + beta.view(shape).to(r.dtype) * p
-        rs = rs_new
+        rs = torch.where(ok, rs_new, torch.zeros_like(rs_new))
     return x
