@@ -8,8 +8,6 @@ The ``.json`` sidecar is a copy for people and tools; it is never read back.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,37 +16,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mediff.errors import MediffError
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from mediff.io import atomic_write
 
 
 def save_checkpoint(path: Path, tensors: dict[str, Tensor], meta: dict) -> None:
     """Atomically write ``tensors`` + ``meta`` to ``path`` (.safetensors) and a ``.json`` sidecar."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(contiguous, tmp, metadata={"mediff": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, True, lambda tmp: save_file(contiguous, str(tmp), metadata={"mediff": json.dumps(meta)}))
+    atomic_write(path.with_suffix(".json"), True, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:

@@ -890,8 +890,10 @@ def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
         tmp.unlink()
 
 
-def _atomic_write(path: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a temp file in path's folder, then move it to ``path``; never leaves the temp."""
+def atomic_write(path: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a temp file in path's folder, then move it to ``path``; never leaves the temp.
+
+    The one atomic writer of the package (images, checkpoints, reports all go through it)."""
     _check_target(path, overwrite)
     tmp = _temp_sibling(path)
     try:
@@ -956,7 +958,7 @@ def write_nifti(
     img.header.set_xyzt_units("mm")
     img.set_sform(aff, code=1)
     img.set_qform(aff, code=1)
-    return _atomic_write(p, overwrite, lambda tmp: nib.save(img, str(tmp)))
+    return atomic_write(p, overwrite, lambda tmp: nib.save(img, str(tmp)))
 
 
 def write_png(
@@ -1006,7 +1008,7 @@ def write_png(
         scaled = np.nan_to_num(scaled, nan=0.0, posinf=top, neginf=0.0)
         out = np.clip(np.rint(scaled), 0, top).astype(out_dtype)
     pil = Image.fromarray(out)  # uint8 -> "L", uint16 -> "I;16"
-    return _atomic_write(p, overwrite, lambda tmp: pil.save(tmp, format="PNG"))
+    return atomic_write(p, overwrite, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 def write_npz(path: PathLike, *, overwrite: bool = False, compress: bool = True, **arrays: Any) -> Path:
@@ -1029,7 +1031,7 @@ def write_npz(path: PathLike, *, overwrite: bool = False, compress: bool = True,
         with open(tmp, "wb") as fh:  # a file object: numpy would append ".npz" to a name
             saver(fh, **clean)
 
-    return _atomic_write(p, overwrite, _write)
+    return atomic_write(p, overwrite, _write)
 
 
 def write_image(path: PathLike, image: MedicalImage | np.ndarray, *, overwrite: bool = False) -> Path | list[Path]:
@@ -1318,7 +1320,7 @@ def write_dicom(
             series=series,
             ref=ref,
         )
-        _atomic_write(p, overwrite, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+        atomic_write(p, overwrite, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
         return [p]
     return _write_dicom_series(p, stored, modality, slope_v, inter_v, aff, series, ref, overwrite)
 

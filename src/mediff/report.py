@@ -17,7 +17,6 @@ import html
 import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
@@ -27,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mediff.errors import MediffError
+from mediff.io import atomic_write
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -122,28 +122,12 @@ def render_panel(panel: Panel) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_png(path: Path, panel: Panel) -> Path:
     """Atomically write ``render_panel(panel)`` to ``path``; returns the path."""
     path = Path(path)
     data = render_panel(panel)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, data)
+    atomic_write(path, True, lambda tmp: tmp.write_bytes(data))
     return path
 
 
@@ -305,5 +289,5 @@ def write_report(
         parts.append("</tbody></table>")
     parts.append("</body></html>\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
+    atomic_write(path, True, lambda tmp: tmp.write_bytes("\n".join(parts).encode("utf-8")))
     return path
