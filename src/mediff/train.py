@@ -269,7 +269,8 @@ def plot_validation(csv_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(csv.DictReader(open(csv_path)))
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in sorted({r["sigma"] for r in rows}, key=float):
         pts = [(int(r["images_seen"]), float(r["psnr"])) for r in rows if r["sigma"] == s]
