@@ -32,15 +32,6 @@ C128 = torch.complex128
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Shared 2-core machine: one thread avoids oversubscription and keeps these small solves fast.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------ toy operators
 
 

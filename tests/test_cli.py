@@ -20,20 +20,10 @@ from unittest import mock
 
 import numpy as np
 import pytest
-import torch
 
 SIZE = 32
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 OUTPUTS = ("samples_grid.png", "samples.nii.gz", "samples.npz", "samples.json")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks on a shared 2-core machine: one intra-op thread is much faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run_cli(*args: object) -> tuple[int, str, str]:
@@ -196,14 +186,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             imgs.append(np.where(r < 1, 120 + 80 * (1 - r) + rng.uniform(0, 20, r.shape), 0))
             subj.append(s)
     np.savez(root / "d.npz", images=np.stack(imgs).astype(np.uint8), subject_index=np.asarray(subj))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code, _, err = run_cli("train", "--data", root / "d.npz", "--out", root / "run", "--size", SIZE, "--channels",
-                               "8,16", "--blocks", "1,1", "--batch", 4, "--steps", 3, "--val-subjects", 1,
-                               "--val-every", 100, "--no-progress")
-    finally:
-        torch.set_num_threads(n)
+    code, _, err = run_cli("train", "--data", root / "d.npz", "--out", root / "run", "--size", SIZE, "--channels",
+                           "8,16", "--blocks", "1,1", "--batch", 4, "--steps", 3, "--val-subjects", 1,
+                           "--val-every", 100, "--no-progress")
     assert code == 0, err
     return root / "run"
 

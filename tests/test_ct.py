@@ -68,16 +68,6 @@ def _rel_err(rec: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> float:
     return float((rec - ref)[0, 0][mask].norm() / ref[0, 0][mask].norm())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module: on the shared 2-core CI box every OpenMP region (MKL sparse
-    matmul included) waits ~10 ms for the busy second core, which dominates these small problems."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

@@ -12,15 +12,6 @@ from mediff.errors import MediffError
 from mediff.metrics import coverage, nmse, psnr, ssim, uncertainty_stats
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine is shared with a training job: oversubscribed threads make small ops much slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _smooth_images(shape: tuple[int, ...], seed: int, sigma: float = 2.0) -> np.ndarray:
     from scipy.ndimage import gaussian_filter
 

@@ -10,14 +10,6 @@ import torch
 from mediff.nets import Attention, LeanUNet, ResBlock, UNetConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _net(cond_dim: int = 0, seed: int = 0, **kw) -> LeanUNet:
     with torch.random.fork_rng():
         torch.manual_seed(seed)

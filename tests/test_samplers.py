@@ -26,15 +26,6 @@ DETERMINISTIC = ("euler", "ddim", "heun", "dpmpp2m")
 STOCHASTIC = ("ddpm", "pc")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Elementwise ops on ~65k doubles are far faster single-threaded on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _marginal(shape, sigma_max: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return MU + math.sqrt(S**2 + sigma_max**2) * torch.randn(shape, generator=g, dtype=torch.float64)

@@ -42,15 +42,6 @@ ORACLE = GaussianDenoiser(MU, S)
 SCHEME = {"dds": "ddim", "ddnm": "ddpm", "dps": "ddpm", "mcg": "ddpm", "langevin": "pc"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny elementwise ops on a shared 2-core machine: one intra-op thread is far faster than two.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_scheme_table_matches_solvers():
     assert set(SCHEME) == set(SOLVERS)
     assert all(SOLVERS[k].sampler in (v, "euler" if v == "ddim" else v) for k, v in SCHEME.items())

@@ -362,7 +362,6 @@ class Wavelet2D(LinearOperator):
     def _synthesis_1d(self, c: Tensor) -> Tensor:
         """Exact adjoint (= inverse) of ``_analysis_1d``: (M, N) -> (M, N)."""
         m, n = c.shape
-        length = self.filters.shape[-1]
         full = F.conv_transpose1d(c.view(m, 2, n // 2), self.filters.to(c), stride=2).squeeze(1)  # (M, N+L-2)
         # Fold the periodic extension back: position j of the extension is sample (j + shift) mod N.
         reps = -(-full.shape[-1] // n)

@@ -13,7 +13,7 @@ scaled input, a noise embedding value ``c_noise`` per item and an optional covar
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

@@ -16,7 +16,6 @@ import base64
 import html
 import io
 import math
-import os
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
