@@ -23,7 +23,7 @@ from common import RESULTS, heldout_slices, machine, write_table
 from mediff.prior import load_prior
 from mediff.recon import BASELINES, DEFAULT_LAMBDA, run_solver, score, simulate_task
 
-LAMBDA_GRID = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
+LAMBDA_GRID = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1)
 
 
 def forward_seconds(prior, reps: int = 5) -> float:

@@ -7,7 +7,6 @@ place, so a failed command leaves nothing half-written; an existing output needs
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -143,37 +142,64 @@ def sample(
     console.print(f"[green]wrote[/] {n} samples to {out}")
 
 
+_MRI_DEFAULTS = {"--accel": 4.0, "--mask": "random1d", "--center-fraction": 0.08, "--coils": 1, "--noise": 0.0}
+
+
 @app.command()
 def reconstruct(
-    input: Path = typer.Option(..., "--input", help="Image (NIfTI/DICOM/PNG/NPY), fastMRI HDF5, or NPZ with kspace+mask."),
+    input: Path = typer.Option(..., "--input", help="Image (NIfTI/DICOM/PNG/NPY/NPZ), fastMRI HDF5, NPZ with "
+                               "kspace+mask, or (CT) NPZ with sinogram+angles_deg+image_size."),
     out: Path = typer.Option(..., help="Output folder (created atomically)."),
     model: str = typer.Option("brain-t1", help="Built-in prior name or checkpoint path."),
-    solver: str = typer.Option("dds", help="dds | ddnm | dps | mcg | langevin | zero-filled | tv | l1wavelet."),
-    accel: float = typer.Option(4.0, help="Acceleration when k-space is simulated or retrospectively undersampled."),
-    mask: str = typer.Option("random1d", help="random1d | equispaced1d | poisson2d | radial."),
-    center_fraction: float = typer.Option(0.08, help="Fully-sampled centre fraction."),
+    solver: str = typer.Option("dds", help="dds | ddnm | dps | mcg | langevin | zero-filled | tv | l1wavelet (MRI) "
+                               "| fbp (CT)."),
+    accel: float = typer.Option(4.0, help="MRI: acceleration when k-space is simulated or retrospectively "
+                                "undersampled."),
+    mask: str = typer.Option("random1d", help="MRI: random1d | equispaced1d | poisson2d | radial."),
+    center_fraction: float = typer.Option(0.08, help="MRI: fully-sampled centre fraction."),
+    views: Optional[int] = typer.Option(None, help="CT: projection views simulated over 180 degrees (default 60)."),
+    limited_angle: Optional[float] = typer.Option(None, "--limited-angle", metavar="DEG",
+                                                  help="CT: views only over [0, DEG) degrees (missing wedge)."),
+    dose: Optional[float] = typer.Option(None, metavar="I0", help="CT: low dose, I0 photons per detector bin "
+                                         "(Poisson noise); for a sinogram file, its I0 (noise model)."),
     steps: int = typer.Option(50, help="Sampler steps."),
     seed: int = typer.Option(0, help="Seed of mask, noise and sampler."),
     samples: int = typer.Option(1, help="Posterior samples (>1 adds a std map and 90% coverage)."),
-    noise: float = typer.Option(0.0, help="Simulated k-space noise std, as a fraction of the image's 99.5th percentile."),
-    coils: int = typer.Option(1, help="Simulated coils for image input (1 = single-coil)."),
+    noise: float = typer.Option(0.0, help="MRI: simulated k-space noise std, as a fraction of the image's 99.5th "
+                                "percentile."),
+    coils: int = typer.Option(1, help="MRI: simulated coils for image input (1 = single-coil)."),
     slice_index: Optional[int] = typer.Option(None, "--slice", help="Axial slice of a volume (default: middle)."),
-    compare: str = typer.Option("zero-filled,tv", help="Baselines to run beside the solver (comma-separated)."),
-    lam: Optional[float] = typer.Option(None, help="Regularisation weight for tv/l1wavelet (default: tuned value)."),
+    compare: str = typer.Option("zero-filled,tv", help="Baselines to run beside the solver (comma-separated; "
+                                "CT always adds fbp, the other modality's baselines are skipped)."),
+    lam: Optional[float] = typer.Option(None, help="Regularisation weight for tv/l1wavelet (default: tuned value; "
+                                        "CT tv: relative to ||A||^2)."),
+    dicom: bool = typer.Option(False, "--dicom", help="Also write recon_dicom/ (CT in HU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
-    """Reconstruct an undersampled MRI scan with a diffusion prior; writes recon.nii.gz, metrics.json, report.html."""
-    from mediff.recon import BASELINES, reconstruct_file
+    """Reconstruct an undersampled MRI or sparse-view / limited-angle / low-dose CT scan with a diffusion
+    prior; writes recon.nii.gz, metrics.json, report.html.
+
+    CT mode when the prior is a CT prior (HU window), --views/--limited-angle/--dose is given, the
+    solver is fbp, or the input is CT (sinogram/hu NPZ, DICOM Modality CT). CT outputs are in HU.
+    """
+    from mediff.recon import BASELINES, CT_BASELINES, reconstruct_file
 
     extra = tuple(c for c in compare.split(",") if c)
-    bad = [c for c in extra if c not in BASELINES]
+    known = dict.fromkeys([*BASELINES, *CT_BASELINES])
+    bad = [c for c in extra if c not in known]
     if bad:
-        raise MediffError(f"--compare takes baselines ({', '.join(BASELINES)}), got {', '.join(bad)}")
+        raise MediffError(f"--compare takes baselines ({', '.join(known)}), got {', '.join(bad)}")
     if not input.exists():
         raise MediffError(f"input not found: {input}")
+    given = {"--accel": accel, "--mask": mask, "--center-fraction": center_fraction, "--coils": coils, "--noise": noise}
+    mri_options = tuple(k for k, v in given.items() if v != _MRI_DEFAULTS[k])
     with output_dir(out, overwrite) as tmp:
         rec = reconstruct_file(input, tmp, model, solver, accel, mask, center_fraction, steps, seed, samples, noise,
-                               coils, slice_index, extra, lam, command=" ".join(["mediff", *sys.argv[1:]]))
+                               coils, slice_index, extra, lam, command=" ".join(["mediff", *sys.argv[1:]]),
+                               views=views, limited_angle=limited_angle, dose=dose, dicom=dicom,
+                               mri_options=mri_options)
+    if rec.get("ignored_options"):
+        console.print(f"note: MRI options ignored in CT mode: {', '.join(rec['ignored_options'])}", highlight=False)
     for row in rec["metrics"]:
         vals = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
         console.print(vals, highlight=False)

@@ -1,0 +1,149 @@
+"""CT reconstruction benchmark on held-out TCGA-LUAD patients: FBP, TV and the diffusion solvers.
+
+Evaluation patients: the prior's validation subjects (``data.val_subjects`` in its metadata) with
+``--model``, else the last 10 patient ids (sorted). TV's weight is tuned per task on 3 other
+patients (the last 3 sorted ids outside the evaluation set), never on evaluation ones. Slices are
+resampled to ``--size`` (area downsampling; the working pixel keeps its size in mm) and their
+parallel-beam sinograms simulated (``mediff.recon_ct.simulate_ct_task``, noise seeded per slice).
+PSNR/SSIM on HU clipped to [-1000, 1000] (data_range 2000), as ``mediff reconstruct`` reports them.
+
+    python benchmarks/ct.py --data ../shared/data/ct_tcga --n 4 --size 128
+    python benchmarks/ct.py --data ../shared/data/ct_tcga --model ct --n 10 --size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import RESULTS, machine, write_table
+from mediff.recon import CT_BASELINES, run_solver, score
+from mediff.recon_ct import fit_hu, hu_window, simulate_ct_task
+from mediff.solvers import SOLVERS
+
+# name -> (views, limited angle (deg) or None, dose I0 or None)
+TASKS = {
+    "30 views": (30, None, None),
+    "60 views": (60, None, None),
+    "120 views": (120, None, None),
+    "limited 120 deg (60 views)": (60, 120.0, None),
+    "low dose I0=1e4 (180 views)": (180, None, 1e4),
+}
+LAMBDA_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # CT TV weights, relative to ||A||^2
+N_TUNE_PATIENTS = 3
+
+
+def load_slices(data: Path, patients: list[str], n: int | None) -> list[tuple[str, np.ndarray, float]]:
+    """Up to ``n`` (all if None) slices (patient, HU (512, 512), pixel mm) of ``patients``, one per
+    patient in turn so the slices spread over patients."""
+    d = np.load(data / "ct_hu_512.npz")
+    ids = d["patient_id"].astype(str)
+    per = {p: np.flatnonzero(ids == p).tolist() for p in patients}
+    order = []
+    while any(per.values()):
+        for p in patients:
+            if per[p]:
+                order.append(per[p].pop(0))
+    order = order if n is None else order[:n]
+    return [(ids[i], d["hu"][i].astype(np.float32), float(d["pixel_spacing_mm"][i])) for i in order]
+
+
+def make_task(hu: np.ndarray, px: float, size: int, spec: tuple, seed: int, hu_range: tuple[float, float]):
+    work, _, px_work, _ = fit_hu(hu, size, px)
+    views, limited, dose = spec
+    task = simulate_ct_task(work, views, limited, dose, seed, px_work, hu_range)
+    task.op.A(torch.zeros(1, 1, size, size))  # build the float32 copy of the projector before timing
+    return task
+
+
+def tune(slices: list, size: int, hu_range: tuple[float, float], tasks: dict[str, tuple]) -> dict[str, float]:
+    """Per task, the TV weight of LAMBDA_GRID with the best mean PSNR on the tuning slices."""
+    out = {}
+    for name, spec in tasks.items():
+        tasks = [make_task(hu, px, size, spec, 1000 + i, hu_range) for i, (_, hu, px) in enumerate(slices)]
+        means = {lam: float(np.mean([score(t, run_solver(t, "tv", lam=lam).mean)["PSNR"] for t in tasks]))
+                 for lam in LAMBDA_GRID}
+        out[name] = max(means, key=means.get)
+        print(f"tune {name}: " + "  ".join(f"{k:g}: {v:.2f}" for k, v in means.items()) + f" -> {out[name]:g}",
+              flush=True)
+        if out[name] in (LAMBDA_GRID[0], LAMBDA_GRID[-1]):
+            print(f"  warning: best weight at the edge of the grid for {name}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/ct_tcga"))
+    ap.add_argument("--model", default=None, help="CT prior (name or checkpoint); without it: fbp and tv only")
+    ap.add_argument("--n", type=int, default=10, help="evaluation slices")
+    ap.add_argument("--size", type=int, default=256, help="working grid (the prior's size when --model is given)")
+    ap.add_argument("--solvers", default=",".join(SOLVERS))
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of: " + ", ".join(TASKS))
+    ap.add_argument("--name", default="ct")
+    args = ap.parse_args()
+
+    prior = None
+    hu_range = (-1000.0, 1000.0)
+    all_ids = sorted(set(np.load(args.data / "ct_hu_512.npz")["patient_id"].astype(str).tolist()))
+    if args.model:
+        from mediff.prior import load_prior
+
+        prior = load_prior(args.model)
+        hu_range = hu_window(prior.meta.get("normalization"), prior.name)
+        if args.size != prior.image_size:
+            print(f"--size {args.size} replaced by the prior's {prior.image_size}")
+            args.size = prior.image_size
+        eval_ids = sorted(set(prior.meta["data"]["val_subjects"]) & set(all_ids))
+        if not eval_ids:
+            raise SystemExit(f"none of the prior's validation subjects is a patient of {args.data}")
+    else:
+        eval_ids = all_ids[-10:]
+    tune_ids = [p for p in all_ids if p not in eval_ids][-N_TUNE_PATIENTS:]
+    assert not set(tune_ids) & set(eval_ids)
+    tasks = {k: TASKS[k] for k in args.tasks.split(",") if k}
+    methods = list(CT_BASELINES) + ([s for s in args.solvers.split(",") if s] if prior is not None else [])
+
+    t0 = time.perf_counter()
+    lams = tune(load_slices(args.data, tune_ids, N_TUNE_PATIENTS), args.size, hu_range, tasks)  # 1 per patient
+    tune_s = time.perf_counter() - t0
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}_lambda.json").write_text(json.dumps(
+        {"lambda": lams, "tuning_patients": tune_ids, "size": args.size, "grid": LAMBDA_GRID}, indent=2))
+
+    slices = load_slices(args.data, eval_ids, args.n)
+    rows = []
+    for name, spec in tasks.items():
+        acc: dict[str, list[dict]] = {m: [] for m in methods}
+        for i, (pid, hu, px) in enumerate(slices):
+            task = make_task(hu, px, args.size, spec, i, hu_range)
+            for m in methods:
+                r = run_solver(task, m, prior, args.steps, seed=i, lam=lams[name] if m == "tv" else None)
+                acc[m].append({**score(task, r.mean), "seconds": r.seconds, "NFE": r.nfe})
+            print(f"{name} slice {i + 1}/{len(slices)} ({pid}): " +
+                  "  ".join(f"{m} {acc[m][-1]['PSNR']:.2f}" for m in methods), flush=True)
+        for m in methods:
+            a = acc[m]
+            rows.append({"task": name, "method": m, "NFE": a[0]["NFE"],
+                         "PSNR": float(np.mean([r["PSNR"] for r in a])),
+                         "PSNR_sd": float(np.std([r["PSNR"] for r in a])),
+                         "SSIM": float(np.mean([r["SSIM"] for r in a])),
+                         "s_per_slice": float(np.mean([r["seconds"] for r in a])),
+                         **({"lambda": lams[name]} if m == "tv" else {})})
+    meta = {**machine(), "model": args.model, "size": args.size, "n_slices": len(slices),
+            "eval_patients": sorted({s[0] for s in slices}), "tuning_patients": tune_ids, "lambda": lams,
+            "tune_seconds": round(tune_s, 1), "steps": args.steps if prior is not None else None,
+            "metric": "PSNR/SSIM on HU clipped to [-1000, 1000], data_range 2000, working grid",
+            "geometry": "parallel beam, simulated from the HU slices; limited angle = views over [0, 120) deg; "
+                        "low dose = Poisson counts at I0 photons/bin",
+            "prior_step": None if prior is None else prior.meta.get("step")}
+    write_table(args.name, rows, meta)
+
+
+if __name__ == "__main__":
+    main()

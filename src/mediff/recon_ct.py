@@ -1,0 +1,317 @@
+"""CT reconstruction problems from files: the CT side of ``mediff reconstruct`` (see ``mediff.recon``).
+
+Inputs:
+
+* a CT image in HU (DICOM file or series, NIfTI, NPY, NPZ with ``hu``), 2D or a volume (the middle
+  axial slice, or ``slice_index``; NPY/NPZ stacks are (slices, H, W)), checked with ``check_hu``.
+  It is resampled onto the prior's N x N grid (area downsampling, air padding; the working pixel is
+  the input spacing times the downsampling factor, so line integrals keep their physical scale) and
+  a parallel-beam sinogram is simulated: sparse view (``views`` over 180 degrees), limited angle
+  (``views`` over [0, limited_angle) degrees) and/or low dose (Poisson counts, ``dose`` = I0 photons
+  per detector bin, from ``seed``). The input slice is the reference.
+* an NPZ holding a measured sinogram: ``sinogram`` (n_views, n_det) of line integrals,
+  ``angles_deg`` (n_views,), ``image_size`` N (n_det must be ParallelBeamCT's default for N: the
+  image diagonal in one-pixel bins), optional ``pixel_size_mm`` (default 1) and ``reference_hu``
+  (N, N). The detector is rebinned (exact area average) onto the working grid's bins; ``dose``,
+  if given, is the scan's I0 and sets the noise model.
+
+Units: CT priors work in u = (HU - hu_min) / (hu_max - hu_min) (metadata normalisation "hu_window",
+default [-1000, 1000]: u = (HU + 1000) / 2000). Attenuation is affine in HU, mu = mu_w (1 + HU/1000)
+(``ct.MU_WATER_PER_MM``), so mu = a u + b with a = mu_w (hu_max - hu_min) / 1000 and
+b = mu_w (1 + hu_min / 1000) (1/mm; b = 0 for the default window). The line integrals y = A mu
+become (y - A(b 1)) / a = A u: a linear problem in u, which every solver and baseline handles
+unchanged. One more constant: ||A||^2 ~ N V px^2 (N x N grid, V views, px mm), and DPS / MCG take
+likelihood-gradient steps that are only stable for ||A|| ~ 1 (as for MRI's orthonormal FFT). So the
+task's operator is op = A / k with k = px sqrt(N V) (``ParallelBeamCT`` with pixel_size_mm = 1 /
+sqrt(N V), ||op|| ~ 1) and y_u = (y - A(b 1)) / (a k) = op u; noise stds are divided by a k likewise.
+FBP is calibrated for any pixel size, so FBP of y_u is u; TV weights are relative to ||op||^2.
+
+Noise: for low dose, var(p) ~ exp(p) / I0 per bin (Poisson counts, delta method); the solvers get
+sqrt(mean over the sinogram) / (a k), in u units. Noiseless data: 0 (data consistency is enforced exactly).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mediff import io
+from mediff.ct import MU_WATER_PER_MM, ParallelBeamCT, check_hu, check_sinogram, hu_to_mu, limited_angle_angles, \
+    simulate_sinogram, sparse_view_angles
+from mediff.errors import MediffError
+from mediff.recon import Task, _fit, _pick_slice
+
+DEFAULT_VIEWS = 60
+METRIC_WINDOW = (-1000.0, 1000.0)  # HU window of PSNR/SSIM (data_range 2000)
+MAX_BASELINE_SIZE = 256  # working grid without a prior: the input grid, downsampled to at most this
+# Volumes are reoriented so slices look like stored axial DICOM images (rows to P, columns to L),
+# the way CT training slices are stored.
+CT_SLICE_ORIENTATION = ("P", "L", "S")
+
+
+def hu_window(normalization: dict | None, prior_name: str | None = None) -> tuple[float, float]:
+    """(hu_min, hu_max) of a prior's metadata normalisation ({"kind": "hu_window", "hu_min", "hu_max"},
+    or ``io.Normalization.to_dict`` form); None -> (-1000, 1000). Non-CT normalisations raise."""
+    if normalization is None:
+        return -1000.0, 1000.0
+    kind = normalization.get("kind")
+    if kind != "hu_window":
+        who = f"prior {prior_name}" if prior_name else "the prior"
+        raise MediffError(f"{who} is not a CT prior (normalization {kind!r}, expected 'hu_window'): "
+                          "use a CT prior, or --solver fbp / tv")
+    params = normalization.get("params") or {}
+    try:
+        lo = float(normalization.get("hu_min", params.get("hu_min", normalization.get("offset", -1000.0))))
+        hi = float(normalization.get("hu_max", params.get("hu_max", lo + float(normalization.get("scale", 2000.0)))))
+    except (TypeError, ValueError):
+        raise MediffError(f"invalid hu_window normalization {normalization!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise MediffError(f"invalid hu_window normalization: hu_min {lo} must be below hu_max {hi}")
+    return lo, hi
+
+
+def u_coefficients(hu_min: float, hu_max: float, mu_water: float = MU_WATER_PER_MM) -> tuple[float, float]:
+    """(a, b) in 1/mm with mu = a u + b for u = (HU - hu_min) / (hu_max - hu_min)."""
+    return mu_water * (hu_max - hu_min) / 1000.0, mu_water * (1.0 + hu_min / 1000.0)
+
+
+def _check_options(views: int | None, limited_angle: float | None, dose: float | None) -> None:
+    if views is not None and (int(views) != views or views < 1):
+        raise MediffError(f"--views must be a positive integer, got {views!r}")
+    if limited_angle is not None and not 0.0 < float(limited_angle) <= 180.0:
+        raise MediffError(f"--limited-angle must be in (0, 180] degrees, got {limited_angle!r}")
+    if dose is not None and not (math.isfinite(float(dose)) and float(dose) > 0):
+        raise MediffError(f"--dose must be a positive photon count I0, got {dose!r}")
+
+
+def fit_hu(hu: np.ndarray, size: int, pixel_size_mm: float) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray],
+                                                                      float, str | None]:
+    """An HU slice (H, W) on the size x size working grid (area downsampling, padded with air) ->
+    (HU (size, size), map back to (H, W), working pixel size in mm, note)."""
+    h, w = hu.shape
+    work, back, note = _fit(np.asarray(hu, dtype=np.float32) + 1000.0, size)  # 0 = air: pads with air
+    factor = max(h, w) / size if max(h, w) > size else 1.0
+    # ``back`` crops and interpolates bilinearly (weights sum to 1), so it maps HU to HU directly.
+    return work - 1000.0, back, pixel_size_mm * factor, note
+
+
+def _sinogram_noise(p: torch.Tensor, dose: float) -> float:
+    """Std of line integrals p at I0 = ``dose``: sqrt(mean exp(p) / I0) (Poisson, delta method)."""
+    return float(torch.sqrt(torch.exp(p.double()).mean() / dose))
+
+
+def unit_operator(n: int, angles_deg: torch.Tensor, pixel_size_mm: float) -> tuple[ParallelBeamCT, float]:
+    """The u-problem's operator op = A / k (||op|| ~ 1) and k = pixel_size_mm sqrt(N V), so that the
+    physical projector of the N x N grid with ``pixel_size_mm`` pixels is A = k op."""
+    unit = 1.0 / math.sqrt(n * len(angles_deg))
+    return ParallelBeamCT(n, angles_deg, pixel_size_mm=unit), pixel_size_mm / unit
+
+
+def _u_data(y: torch.Tensor, op: ParallelBeamCT, k: float, hu_min: float, hu_max: float) -> torch.Tensor:
+    """Line integrals y (1, 1, V, D) of A = k op -> y_u = (y - A(b 1)) / (a k) (float32)."""
+    a, b = u_coefficients(hu_min, hu_max)
+    y = y.double()
+    if b != 0.0:
+        y = y - k * op.A(torch.full((1, 1, op.n, op.n), b, dtype=torch.float64))
+    return (y / (a * k)).float()
+
+
+def _angles(views: int, limited_angle: float | None) -> tuple[torch.Tensor, str]:
+    if limited_angle is None:
+        return sparse_view_angles(views), "0-180 deg"
+    return limited_angle_angles(views, limited_angle), f"0-{float(limited_angle):g} deg (limited angle)"
+
+
+def simulate_ct_task(hu: np.ndarray, views: int = DEFAULT_VIEWS, limited_angle: float | None = None,
+                     dose: float | None = None, seed: int = 0, pixel_size_mm: float = 1.0,
+                     hu_range: tuple[float, float] = (-1000.0, 1000.0)) -> Task:
+    """The CT problem of an HU slice (N, N) on the working grid (see module docstring); the slice
+    (in u units) is the reference. Attenuation below air (HU < -1000) is clipped to 0 for simulation."""
+    _check_options(views, limited_angle, dose)
+    hu = np.asarray(hu, dtype=np.float64)
+    if hu.ndim != 2 or hu.shape[0] != hu.shape[1]:
+        raise MediffError(f"the CT working grid must be square (N, N), got {hu.shape}")
+    hu_min, hu_max = hu_range
+    angles, span = _angles(int(views), limited_angle)
+    op, k = unit_operator(hu.shape[0], angles, pixel_size_mm)
+    mu = hu_to_mu(torch.from_numpy(np.clip(hu, -1000.0, None)))[None, None]
+    gen = torch.Generator().manual_seed(seed) if dose is not None else None
+    y = simulate_sinogram(mu * k, op, dose, generator=gen)  # A mu = op (k mu): physical line integrals
+    a, _ = u_coefficients(hu_min, hu_max)
+    noise = 0.0 if dose is None else _sinogram_noise(y, dose) / (a * k)
+    ref = torch.from_numpy(((hu - hu_min) / (hu_max - hu_min)).astype(np.float32))[None, None]
+    notes = [f"parallel-beam sinogram simulated from the HU image: {int(views)} views over {span}"
+             + ("" if dose is None else f", low dose I0 = {dose:g} photons/bin (Poisson, seed {seed})")]
+    info = {"source": "simulated from image", "views": int(views), "angles": span, "dose_I0": dose,
+            "pixel_size_mm": float(pixel_size_mm), "grid": hu.shape[0], "hu_window": [hu_min, hu_max],
+            "noise_sigma_u": noise}
+    return Task(op, _u_data(y, op, k, hu_min, hu_max), None, noise, hu_max - hu_min, ref,
+                y[0, 0].float().numpy(), lambda x: x, np.eye(4), notes, info, kind="ct", offset=hu_min,
+                window=METRIC_WINDOW)
+
+
+def prepare_ct(path: Path, size: int | None, views: int | None = DEFAULT_VIEWS, limited_angle: float | None = None,
+               dose: float | None = None, seed: int = 0, normalization: dict | None = None,
+               slice_index: int | None = None, prior_name: str | None = None) -> Task:
+    """Read ``path`` and build the CT inverse problem in the prior's u units (module docstring).
+
+    size: working grid N (the prior's image size); None = the input grid, at most MAX_BASELINE_SIZE
+    (baselines without a prior). normalization: the prior's metadata normalisation (None: HU window
+    [-1000, 1000]); a non-CT one raises MediffError. Views default to DEFAULT_VIEWS.
+    """
+    hu_range = hu_window(normalization, prior_name)
+    _check_options(views, limited_angle, dose)
+    path = Path(path)
+    fmt = io.detect_format(path)
+    if fmt == "npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                is_sino = "sinogram" in z.files
+        except (OSError, ValueError) as exc:
+            raise MediffError(f"cannot read npz {path}: {exc}") from None
+        if is_sino:
+            return _prepare_sinogram(path, size, views, limited_angle, dose, hu_range)
+    image, affine, px, notes = _read_hu(path, fmt, slice_index)
+    check_hu(image)
+    own_grid = size is None
+    if own_grid:
+        size = max(2, min(max(image.shape), MAX_BASELINE_SIZE))
+    work, back, px_work, fit_note = fit_hu(image, size, px)
+    if own_grid and fit_note:
+        fit_note = fit_note.replace("the prior's", "a", 1)
+    task = simulate_ct_task(work, DEFAULT_VIEWS if views is None else views, limited_angle, dose, seed, px_work,
+                            hu_range)
+    task.to_input, task.affine = back, affine
+    task.notes[:0] = [n for n in (*notes, fit_note) if n]
+    task.notes.append(f"working grid {size}x{size}, pixel {px_work:.3g} mm")
+    return task
+
+
+def _read_hu(path: Path, fmt: str, slice_index: int | None) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
+    """The 2D HU slice, its affine, its pixel size (mm) and notes."""
+    img = io.read_image(path)
+    notes: list[str] = []
+    arr = np.asarray(img.array)
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise MediffError(f"{path}: CT image must be real-valued HU, got {arr.dtype}")
+    spacing: float | None = None
+    if fmt in ("npy", "npz") and arr.ndim == 3:
+        # A stack (slices, H, W) as numpy stores it (e.g. one slice per patient): no reorientation.
+        k = arr.shape[0] // 2 if slice_index is None else slice_index
+        if not 0 <= k < arr.shape[0]:
+            raise MediffError(f"--slice {k} out of range: the stack has {arr.shape[0]} slices")
+        image, affine = arr[k].astype(np.float32), np.eye(4)
+        notes.append(f"slice {k} of a stack of {arr.shape[0]}")
+        if fmt == "npz":
+            with np.load(path, allow_pickle=False) as z:
+                if "pixel_spacing_mm" in z.files:
+                    ps = np.atleast_1d(z["pixel_spacing_mm"]).astype(float)
+                    spacing = float(ps[k] if ps.size == arr.shape[0] else ps[0])
+    else:
+        image, affine, note = _pick_slice(img, slice_index, CT_SLICE_ORIENTATION, axis=2)
+        if note:
+            notes.append(note)
+        if fmt == "npz" and arr.ndim == 2:
+            with np.load(path, allow_pickle=False) as z:
+                if "pixel_spacing_mm" in z.files:
+                    spacing = float(np.atleast_1d(z["pixel_spacing_mm"]).astype(float)[0])
+    if spacing is None:
+        sp = np.linalg.norm(np.asarray(affine)[:3, :2], axis=0)
+        if not img.meta.get("spacing_known", True) or not np.all(sp > 0):
+            notes.append("pixel spacing unknown: 1 mm assumed")
+            sp = np.ones(2)
+        elif abs(sp[0] - sp[1]) > 0.01 * sp.max():
+            notes.append(f"anisotropic pixels {sp[0]:.3g} x {sp[1]:.3g} mm: their mean is used")
+        spacing = float(sp.mean())
+    if not (math.isfinite(spacing) and spacing > 0):
+        raise MediffError(f"{path}: pixel spacing must be positive, got {spacing}")
+    if fmt in ("npy", "npz") and (arr.ndim == 3 or not img.meta.get("spacing_known", False)):
+        affine = np.diag([spacing, spacing, 1.0, 1.0])  # no geometry stored: the pixel size only
+    return image, affine, spacing, notes
+
+
+def _rebin(sino: np.ndarray, spacing: float, n_new: int, new_spacing: float, shift: np.ndarray) -> np.ndarray:
+    """Area-average a sinogram (V, D) with bins of ``spacing`` onto ``n_new`` bins of ``new_spacing``
+    (both centred; mm), the object displaced by ``shift`` (V,) mm along each view's detector; 0 outside."""
+    v, d = sino.shape
+    edges = (np.arange(d + 1) - d / 2.0) * spacing
+    cum = np.concatenate([np.zeros((v, 1)), np.cumsum(sino * spacing, axis=1)], axis=1)  # integral to each edge
+    centres = (np.arange(n_new) - (n_new - 1) / 2.0) * new_spacing
+    out = np.empty((v, n_new))
+    for i in range(v):
+        lo = centres - new_spacing / 2.0 - shift[i]
+        hi = centres + new_spacing / 2.0 - shift[i]
+        integral = lambda x: np.interp(x, edges, cum[i], left=0.0, right=cum[i, -1])  # noqa: E731
+        out[i] = (integral(hi) - integral(lo)) / new_spacing
+    return out
+
+
+def _prepare_sinogram(path: Path, size: int | None, views: int | None, limited_angle: float | None,
+                      dose: float | None, hu_range: tuple[float, float]) -> Task:
+    """A measured parallel-beam sinogram (module docstring) as a Task on the working grid."""
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in ("angles_deg", "image_size") if k not in z.files]
+        if missing:
+            raise MediffError(f"{path}: a sinogram NPZ needs {', '.join(missing)} next to 'sinogram'")
+        d = {k: z[k] for k in z.files}
+    try:
+        sino = np.asarray(d["sinogram"], dtype=np.float64)
+        angles = np.asarray(d["angles_deg"], dtype=np.float64).reshape(-1)
+        n = int(np.asarray(d["image_size"]).reshape(-1)[0])
+        px = float(np.asarray(d.get("pixel_size_mm", 1.0)).reshape(-1)[0])
+    except (TypeError, ValueError) as exc:
+        raise MediffError(f"{path}: sinogram, angles_deg, image_size and pixel_size_mm must be numeric "
+                          f"({exc})") from None
+    if not np.isfinite(angles).all() or angles.size == 0:
+        raise MediffError(f"{path}: angles_deg must be finite and non-empty")
+    if n < 2 or not (math.isfinite(px) and px > 0):
+        raise MediffError(f"{path}: image_size must be >= 2 and pixel_size_mm > 0, got {n}, {px}")
+    n_det = ParallelBeamCT(n, angles[:1], pixel_size_mm=px).n_detectors  # one view: cheap at any size
+    check_sinogram(torch.from_numpy(sino)[None, None] if sino.ndim == 2 else torch.from_numpy(sino),
+                   SimpleNamespace(n_views=angles.size, n_detectors=n_det))
+    sino = sino.reshape(angles.size, n_det)
+    hu_min, hu_max = hu_range
+    notes = [f"measured parallel-beam sinogram: {angles.size} views over {angles.min():.4g}-{angles.max():.4g} deg, "
+             f"{n}x{n} image, pixel {px:.3g} mm"]
+    if (views is not None and views != angles.size) or limited_angle is not None:
+        notes.append("--views / --limited-angle ignored: the sinogram file fixes the geometry")
+    size = min(n, MAX_BASELINE_SIZE) if size is None else size
+    _, back, fit_note = _fit(np.zeros((n, n), np.float32), size)
+    f = min(1.0, size / n)
+    m = max(1, round(n * f))
+    px_w = px * n / m
+    op, k = unit_operator(size, torch.from_numpy(angles), px_w)
+    noise_p = 0.0 if dose is None else _sinogram_noise(torch.from_numpy(sino), dose)
+    if (m, px_w) != (size, px) or op.n_detectors != n_det:
+        # Object centre in the working grid (``_fit`` pads top/left by (size - m) // 2), in mm.
+        off = ((size - m) // 2 + (m - 1) / 2.0 - (size - 1) / 2.0) * px_w
+        th = np.deg2rad(angles)
+        shift = off * np.cos(th) - off * np.sin(th)  # s of the centre (x = off, y = -off)
+        sino = _rebin(sino, px, op.n_detectors, px_w, shift)
+        noise_p /= math.sqrt(max(1.0, px_w / px))  # averaging over px_w / px bins
+        notes.append(f"detector rebinned to the {size}x{size} working grid ({px_w:.3g} mm bins)")
+    if fit_note:
+        notes.append(fit_note.replace("image", "reconstruction grid", 1))
+    a, _ = u_coefficients(hu_min, hu_max)
+    noise = noise_p / (a * k)
+    notes.append("noise from the counts model at I0 = {:g}".format(dose) if dose is not None else
+                 "no --dose: the data are treated as noiseless")
+    y = torch.from_numpy(sino).reshape(1, 1, *sino.shape[-2:])
+    ref = None
+    if "reference_hu" in d:
+        r = np.asarray(d["reference_hu"], dtype=np.float64)
+        if r.shape != (n, n):
+            raise MediffError(f"{path}: reference_hu must be ({n}, {n}), got {r.shape}")
+        check_hu(r)
+        work, _, _, _ = fit_hu(r, size, px)
+        ref = torch.from_numpy(((work - hu_min) / (hu_max - hu_min)).astype(np.float32))[None, None]
+    info = {"source": "sinogram file", "views": int(angles.size),
+            "angles": f"{angles.min():.4g}-{angles.max():.4g} deg",
+            "dose_I0": dose, "pixel_size_mm": px_w, "grid": size, "hu_window": [hu_min, hu_max], "noise_sigma_u": noise}
+    return Task(op, _u_data(y, op, k, hu_min, hu_max), None, noise, hu_max - hu_min, ref, y[0, 0].float().numpy(),
+                back, np.diag([px, px, 1.0, 1.0]), notes, info, kind="ct", offset=hu_min, window=METRIC_WINDOW)
