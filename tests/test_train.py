@@ -144,6 +144,18 @@ def make_png(root: Path) -> tuple[Path, dict[str, int]]:
     return folder, counts
 
 
+def make_png_subjects(root: Path) -> tuple[Path, dict[str, int]]:
+    """A folder of subject folders, each holding that subject's PNG slices (kept together by the split)."""
+    rng = np.random.default_rng(5)
+    folder = root / "png_subjects"
+    counts = {f"patient{s}": 2 + s for s in range(3)}
+    for name, n in counts.items():
+        (folder / name).mkdir(parents=True)
+        for k in range(n):
+            mio.write_png(folder / name / f"{k:03d}.png", np.clip(brain(rng, 0.8 + 0.05 * k), 0, 255).astype(np.uint8))
+    return folder, counts
+
+
 def make_dicom(root: Path) -> tuple[Path, dict[str, int]]:
     """A folder of DICOM series, one subfolder (= one subject) each."""
     rng = np.random.default_rng(3)
@@ -164,7 +176,8 @@ def make_dicom_series(root: Path) -> Path:
     return root / "series"
 
 
-MAKERS = {"npz": make_npz, "nifti": make_nifti, "png": make_png, "dicom": make_dicom}
+MAKERS = {"npz": make_npz, "nifti": make_nifti, "png": make_png, "png_subjects": make_png_subjects,
+          "dicom": make_dicom}
 
 
 # --------------------------------------------------------------------------------------------------

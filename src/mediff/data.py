@@ -113,8 +113,9 @@ def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _from_folder(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Slices from a folder: each NIfTI/PNG/TIFF/NPY file and each DICOM-series subfolder is one
-    subject; a folder of DICOM files is a single series (one subject)."""
+    """Slices from a folder. Subjects: each subfolder (a DICOM series, or a stack of PNG/TIFF/NPY/DICOM
+    slices), each NIfTI/PNG/TIFF/NPY file at the top level, or the whole folder when it holds one DICOM
+    series. Put each patient's 2D slices in a subfolder so the split keeps them together."""
     from mediff import io
 
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
@@ -126,7 +127,7 @@ def _from_folder(path: Path) -> tuple[np.ndarray, np.ndarray]:
         vols = [(path.name, io.read_image(path))]
     else:
         vols = [(p.name.split(".")[0], io.read_image(p)) for p in files if kinds[p] in _SLICE_FORMATS]
-        vols += [(p.name, io.read_image(p)) for p in entries if p.is_dir()]
+        vols += [(p.name, _read_subject_folder(p)) for p in entries if p.is_dir()]
     if not vols:
         raise MediffError(f"no NIfTI, DICOM, PNG/TIFF or NPY images in {path}")
     slices, subjects = [], []
@@ -138,6 +139,23 @@ def _from_folder(path: Path) -> tuple[np.ndarray, np.ndarray]:
     side = max(max(s.shape) for s in slices)
     slices = [np.pad(s, [(0, side - s.shape[0]), (0, side - s.shape[1])]) for s in slices]
     return np.clip(np.stack(slices), 0, None), np.asarray(subjects)
+
+
+def _read_subject_folder(folder: Path):
+    """One subject's folder: a DICOM series, else its 2D images stacked along a third axis."""
+    from mediff import io
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    kinds = [_format_or_none(p) for p in files]
+    if files and all(k == "dicom" for k in kinds):
+        return io.read_image(folder)
+    images = [io.read_image(p).array for p, k in zip(files, kinds) if k in _SLICE_FORMATS]
+    if not images or any(np.ndim(a) != 2 for a in images):
+        raise MediffError(f"{folder}: expected a DICOM series or 2D images (PNG/TIFF/NPY) in a subject folder")
+    side = (max(a.shape[0] for a in images), max(a.shape[1] for a in images))
+    return io.MedicalImage(np.stack([np.pad(np.asarray(a, np.float32), [(0, side[0] - a.shape[0]),
+                                                                          (0, side[1] - a.shape[1])])
+                                     for a in images], axis=2))
 
 
 _SLICE_FORMATS = {"nifti", "png", "tiff", "npy", "dicom"}
