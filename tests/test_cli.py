@@ -13,31 +13,17 @@ import os
 import re
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
-from io import BytesIO, StringIO
+from io import BytesIO
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 
 SIZE = 32
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 OUTPUTS = ("samples_grid.png", "samples.nii.gz", "samples.npz", "samples.json")
 
-
-def run_cli(*args: object) -> tuple[int, str, str]:
-    """Run ``mediff ARGS`` in this process; returns (exit code, stdout, stderr)."""
-    from mediff.cli import main
-
-    out, err = StringIO(), StringIO()
-    with mock.patch.object(sys, "argv", ["mediff", *map(str, args)]), redirect_stdout(out), redirect_stderr(err):
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def run_proc(*args: object, timeout: float = 300) -> tuple[int, str, str]:

@@ -9,14 +9,11 @@ closed form (the zero-filled image of a noiseless single-coil simulation) it is 
 from __future__ import annotations
 
 import json
-import sys
-from contextlib import redirect_stderr, redirect_stdout
-from io import StringIO
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 import torch
 
 SIZE = 32
@@ -24,19 +21,6 @@ SIZE = 32
 
 # ------------------------------------------------------------------------------------------ helpers
 
-
-def run_cli(*args: object) -> tuple[int, str, str]:
-    """Run ``mediff ARGS`` in this process; returns (exit code, stdout, stderr)."""
-    from mediff.cli import main
-
-    out, err = StringIO(), StringIO()
-    with mock.patch.object(sys, "argv", ["mediff", *map(str, args)]), redirect_stdout(out), redirect_stderr(err):
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:

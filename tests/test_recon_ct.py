@@ -15,14 +15,11 @@ size ignored, window offset lost) moves water or air by hundreds of HU.
 from __future__ import annotations
 
 import json
-import sys
-from contextlib import redirect_stderr, redirect_stdout
-from io import StringIO
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 import torch
 
 from mediff import io
@@ -47,18 +44,6 @@ def regions(n: int = N) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     water = (r < 0.6) & (bone_d2 > 0.3**2) & (lung_d2 > 0.27**2)
     return hu, r > 1.3, water, bone_d2 < 0.1**2
 
-
-def run_cli(*args: object) -> tuple[int, str, str]:
-    from mediff.cli import main
-
-    out, err = StringIO(), StringIO()
-    with mock.patch.object(sys, "argv", ["mediff", *map(str, args)]), redirect_stdout(out), redirect_stderr(err):
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_one_line_error(code: int, err: str, needle: str) -> None:

@@ -19,13 +19,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from contextlib import redirect_stderr, redirect_stdout
-from io import StringIO
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 import torch
 
 from mediff import io as mio
@@ -43,19 +41,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # helpers
 # --------------------------------------------------------------------------------------------------
 
-
-def run_cli(*args: object) -> tuple[int, str, str]:
-    """Run ``mediff ARGS`` in this process; returns (exit code, stdout, stderr)."""
-    from mediff.cli import main
-
-    out, err = StringIO(), StringIO()
-    with mock.patch.object(sys, "argv", ["mediff", *map(str, args)]), redirect_stdout(out), redirect_stderr(err):
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def run_proc(*args: object, timeout: float = 300) -> tuple[int, str, str]:
@@ -388,10 +373,11 @@ def test_sigkill_then_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert json.loads((run / "checkpoint.json").read_text())["step"] in (meta["step"], meta["step"] - every), ctx
     assert load_prior(run / "prior.safetensors").meta["step"] in (meta["step"], meta["step"] - every), ctx
     leftovers = sorted(p.name for p in run.iterdir() if p.name.startswith("."))
-    assert all(p.endswith(".tmp") or ".tmp." in p for p in leftovers), leftovers
+    assert all(p.startswith(".mediff-tmp-") for p in leftovers), leftovers  # only the atomic writer's temps
 
-    # Resume (in this process) continues from the checkpoint's step, whatever temp files were left.
-    (run / ".checkpoint.safetensors.stale.tmp").write_bytes(b"half a file")  # as a kill mid-save leaves
+    # Resume (in this process) continues from the checkpoint's step, whatever temp files were left,
+    # and removes them (each can be as large as a checkpoint).
+    (run / ".mediff-tmp-0123456789ab-checkpoint.safetensors").write_bytes(b"half a file")  # a kill mid-save
     import mediff.train as T
 
     done: list[int] = []
@@ -413,6 +399,7 @@ def test_sigkill_then_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert json.loads((run / "checkpoint.json").read_text())["step"] == target
     assert load_prior(run / "prior.safetensors").meta["step"] == target
     assert models_differ(tensors, tensors2)  # the resumed steps really trained
+    assert not list(run.glob(".mediff-tmp-*")), "resume removes the temp files a kill left behind"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -108,6 +108,9 @@ class Trainer:
         ckpt = self.out / "checkpoint.safetensors"
         if resume and ckpt.exists():
             self._load(ckpt)
+            if self.rank == 0:  # half-written temp files of a killed run (each up to a checkpoint's size)
+                for tmp in self.out.glob(".mediff-tmp-*"):
+                    tmp.unlink(missing_ok=True)
         elif resume:
             raise MediffError(f"--resume given but no checkpoint in {self.out}")
         elif ckpt.exists():
