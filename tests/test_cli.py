@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, blob_slices, run_cli
 
 SIZE = 32
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -33,15 +33,6 @@ def run_proc(*args: object, timeout: float = 300) -> tuple[int, str, str]:
     r = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV)
     return r.returncode, r.stdout, r.stderr
 
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, f"exit code {code}, stderr: {err!r}"
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got: {err!r}"
-    assert lines[0].startswith("error:"), lines[0]
-    for n in needles:
-        assert n.lower() in lines[0].lower(), f"{n!r} not in {lines[0]!r}"
 
 
 def info_fields(stdout: str) -> dict[str, str]:
@@ -163,15 +154,8 @@ def test_info_bad_input(tmp_path: Path, case: str) -> None:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny prior: 32 px, 2-level UNet, 3 steps on brain-like blobs (trained through the CLI)."""
     root = tmp_path_factory.mktemp("tiny_prior")
-    yy, xx = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
-    rng = np.random.default_rng(0)
-    imgs, subj = [], []
-    for s in range(3):
-        for k in range(3):
-            r = (yy / (9 + k)) ** 2 + (xx / (8 + s)) ** 2
-            imgs.append(np.where(r < 1, 120 + 80 * (1 - r) + rng.uniform(0, 20, r.shape), 0))
-            subj.append(s)
-    np.savez(root / "d.npz", images=np.stack(imgs).astype(np.uint8), subject_index=np.asarray(subj))
+    imgs, subj = blob_slices(SIZE, subjects=3, per_subject=3)
+    np.savez(root / "d.npz", images=imgs.astype(np.uint8), subject_index=subj)
     code, _, err = run_cli("train", "--data", root / "d.npz", "--out", root / "run", "--size", SIZE, "--channels",
                            "8,16", "--blocks", "1,1", "--batch", 4, "--steps", 3, "--val-subjects", 1,
                            "--val-every", 100, "--no-progress")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, blob_slices, run_cli
 import torch
 
 SIZE = 32
@@ -22,15 +22,6 @@ SIZE = 32
 # ------------------------------------------------------------------------------------------ helpers
 
 
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, f"exit code {code}, stderr: {err!r}"
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got: {err!r}"
-    assert lines[0].startswith("error:"), lines[0]
-    for n in needles:
-        assert n.lower() in lines[0].lower(), f"{n!r} not in {lines[0]!r}"
 
 
 def phantom(size: int = SIZE, peak: float = 800.0) -> np.ndarray:
@@ -87,15 +78,8 @@ def prior(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mediff.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("recon_prior")
-    yy, xx = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
-    rng = np.random.default_rng(0)
-    imgs, subj = [], []
-    for s in range(3):
-        for k in range(2):
-            r = (yy / (9 + k)) ** 2 + (xx / (8 + s)) ** 2
-            imgs.append(np.where(r < 1, 120 + 80 * (1 - r) + rng.uniform(0, 20, r.shape), 0))
-            subj.append(s)
-    np.savez(root / "d.npz", images=np.stack(imgs).astype(np.float32), subject_index=np.asarray(subj))
+    imgs, subj = blob_slices(SIZE, subjects=3, per_subject=2)
+    np.savez(root / "d.npz", images=imgs.astype(np.float32), subject_index=subj)
     cfg = TrainConfig(size=SIZE, steps=2, batch=4, checkpoint_every=2, val_every=2, n_val_subjects=1,
                       net=UNetConfig(channels=(8, 16), blocks=(1, 1), attention_levels=(1,)).to_dict())
     train(root / "d.npz", root / "run", cfg, progress=False)

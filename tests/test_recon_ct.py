@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, run_cli
 import torch
 
 from mediff import io
@@ -45,12 +45,6 @@ def regions(n: int = N) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     return hu, r > 1.3, water, bone_d2 < 0.1**2
 
 
-
-def assert_one_line_error(code: int, err: str, needle: str) -> None:
-    assert code == 2, f"exit code {code}, stderr: {err!r}"
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert needle.lower() in lines[0].lower(), lines[0]
 
 
 def load(path: Path) -> np.ndarray:

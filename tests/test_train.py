@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, run_cli
 import torch
 
 from mediff import io as mio
@@ -49,15 +49,6 @@ def run_proc(*args: object, timeout: float = 300) -> tuple[int, str, str]:
                        timeout=timeout, env=ENV)
     return r.returncode, r.stdout, r.stderr
 
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, f"exit code {code}, stderr: {err!r}"
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got: {err!r}"
-    assert lines[0].startswith("error:"), lines[0]
-    for n in needles:
-        assert n.lower() in lines[0].lower(), f"{n!r} not in {lines[0]!r}"
 
 
 def brain(rng: np.random.Generator, scale: float = 1.0, size: int = SIZE) -> np.ndarray:
