@@ -88,6 +88,12 @@ def train(
     seed: int = typer.Option(0, help="Seed of the data order, noise and split."),
     channels: str = typer.Option("32,64,128,160", help="UNet channels per level (comma-separated)."),
     blocks: str = typer.Option("1,1,1,2", help="Residual blocks per level (comma-separated)."),
+    intensity: str = typer.Option("auto", help="Units: percentile (per-slice 99.5th pct = 1, MR) | hu (CT window "
+                                   "[-1000, 1000] HU -> [0, 1]) | auto (hu for CT data in HU)."),
+    patch_sizes: str = typer.Option("", help="Patch Diffusion crop sizes, e.g. 32,64 (needs --position); "
+                                    "empty: whole images only."),
+    full_prob: float = typer.Option(0.5, help="With --patch-sizes: probability of a whole-image step."),
+    position: bool = typer.Option(False, "--position", help="Pixel coordinates as extra network inputs."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -99,9 +105,11 @@ def train(
     ch, bl = _ints(channels, "--channels"), _ints(blocks, "--blocks")
     if len(ch) != len(bl):
         raise MediffError("--channels and --blocks need one entry per level")
-    net = UNetConfig(channels=ch, blocks=bl, attention_levels=(len(ch) - 1,))
+    net = UNetConfig(channels=ch, blocks=bl, attention_levels=(len(ch) - 1,), pos_channels=2 if position else 0)
     cfg = TrainConfig(size=size, batch=batch, steps=steps, lr=lr, n_val_subjects=val_subjects,
-                      checkpoint_every=checkpoint_every, val_every=val_every, seed=seed, net=net.to_dict())
+                      checkpoint_every=checkpoint_every, val_every=val_every, seed=seed, net=net.to_dict(),
+                      intensity=intensity, patch_sizes=_ints(patch_sizes, "--patch-sizes") if patch_sizes else (),
+                      full_prob=full_prob)
     trainer = run(data, out, cfg, covariates=covariates, resume=resume, progress=progress)
     if trainer.rank == 0:
         console.print(f"[green]done[/]: step {trainer.step}, prior at {Path(out) / 'prior.safetensors'}")

@@ -1,14 +1,22 @@
 """Training data: 2D slices with subject labels (for subject-level splits) and optional covariates.
 
-Every slice is normalised on its own: 0 stays 0 and the slice's 99.5th percentile becomes 1
-(``mediff.io.Normalization`` with kind "percentile"), the unit every prior works in.
+Two intensity units (``intensity``):
+
+- "percentile" (MR and other relative-intensity images): every slice is normalised on its own, 0
+  stays 0 and the slice's 99.5th percentile becomes 1.
+- "hu" (CT): one fixed window for all slices, u = (HU - hu_min) / (hu_max - hu_min) with
+  [hu_min, hu_max] = HU_WINDOW, clipped below at air (u = 0). HU carry physical meaning, so a
+  per-slice scale would throw it away; values above hu_max (bone, contrast) stay above 1.
+
+"auto" picks "hu" for an NPZ holding ``hu`` and for data with values below -500 (only CT has
+them), else "percentile". The choice is recorded in the prior's metadata (``SliceSet.normalization``).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +27,8 @@ from torch import Tensor
 from mediff.errors import MediffError
 
 PERCENTILE = 99.5
+HU_WINDOW = (-1000.0, 1000.0)  # u = 0 at air, u = 1 at +1000 HU; the CT metric window of mediff.recon_ct
+INTENSITIES = ("auto", "percentile", "hu")
 
 
 @dataclass
@@ -31,11 +41,23 @@ class SliceSet:
     covariate_spec: dict | None
     fingerprint: str
     source: str
+    normalization: dict = field(default_factory=lambda: {"kind": "percentile", "percentile": PERCENTILE})
+
+    @property
+    def is_hu(self) -> bool:
+        return self.normalization["kind"] == "hu_window"
 
     def subset(self, idx: np.ndarray) -> "SliceSet":
         t = torch.as_tensor(idx, dtype=torch.long)
         cov = self.covariates[t] if self.covariates is not None else None
-        return SliceSet(self.images[t], self.subjects[idx], cov, self.covariate_spec, self.fingerprint, self.source)
+        return SliceSet(self.images[t], self.subjects[idx], cov, self.covariate_spec, self.fingerprint, self.source,
+                        self.normalization)
+
+
+def hu_normalization(hu_min: float = HU_WINDOW[0], hu_max: float = HU_WINDOW[1]) -> dict:
+    """The metadata record of the HU window (``io.Normalization`` form, read by ``recon_ct.hu_window``)."""
+    return {"kind": "hu_window", "offset": hu_min, "scale": hu_max - hu_min, "clip": None,
+            "params": {"hu_min": hu_min, "hu_max": hu_max}}
 
 
 def percentile_scale(images: np.ndarray) -> np.ndarray:
@@ -64,24 +86,39 @@ def _fingerprint(arrays: list[np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_slices(path: Path, size: int, covariates: Path | None = None, min_foreground: float = 0.05) -> SliceSet:
-    """Load 2D training slices from an NPZ (``images`` + optional ``subject_index``/``subject_ids``),
-    a folder of NIfTI volumes (axial slices), a DICOM series folder, or a folder of PNG/TIFF files.
+def load_slices(path: Path, size: int, covariates: Path | None = None, min_foreground: float = 0.05,
+                intensity: str = "auto") -> SliceSet:
+    """Load 2D training slices from an NPZ (``images`` or ``hu``, + ``subject_index``/``subject_ids``
+    or ``patient_id``), a folder of NIfTI volumes (axial slices), a DICOM series folder, or a folder of
+    PNG/TIFF files, in the units of ``intensity`` (module docstring).
 
-    Slices with less than ``min_foreground`` of pixels above 10 % of their 99.5th percentile are
-    dropped (they are mostly background and teach the prior nothing).
+    Slices with less than ``min_foreground`` of pixels above 0.1 (10 % of their 99.5th percentile;
+    for HU: -800 HU) are dropped (they are mostly background and teach the prior nothing).
     """
     path = Path(path)
+    if intensity not in INTENSITIES:
+        raise MediffError(f"unknown --intensity {intensity!r}; choose from {', '.join(INTENSITIES)}")
     if not path.exists():
         raise MediffError(f"training data not found: {path}")
     if path.suffix == ".npz":
-        raw, subjects = _from_npz(path)
+        raw, subjects, has_hu = _from_npz(path)
     elif path.is_dir():
         raw, subjects = _from_folder(path)
+        has_hu = False
     else:
         raise MediffError(f"unsupported training data {path}: give an .npz or a folder of NIfTI/DICOM/PNG files")
-    scale = percentile_scale(raw)
-    x = raw.astype(np.float32) / scale[:, None, None]
+    if intensity == "auto":
+        intensity = "hu" if has_hu or float(raw.min()) < -500 else "percentile"
+    if intensity == "hu":
+        if float(raw.min()) >= -500:
+            raise MediffError(f"{path}: --intensity hu needs CT data in Hounsfield units (air near -1000), "
+                              f"but the minimum is {float(raw.min()):g}")
+        norm = hu_normalization()
+        x = np.clip((raw.astype(np.float32) - norm["offset"]) / norm["scale"], 0.0, None)
+    else:
+        norm = {"kind": "percentile", "percentile": PERCENTILE}
+        raw = np.clip(raw, 0, None)  # MR magnitude: negative values are reconstruction noise
+        x = raw.astype(np.float32) / percentile_scale(raw)[:, None, None]
     keep = (x > 0.1).mean(axis=(1, 2)) >= min_foreground
     if not keep.any():
         raise MediffError(f"no usable slices in {path} (all below {min_foreground:.0%} foreground)")
@@ -90,26 +127,32 @@ def load_slices(path: Path, size: int, covariates: Path | None = None, min_foreg
     cov, spec = (None, None)
     if covariates is not None:
         cov, spec = encode_covariates(covariates, subjects)
-    return SliceSet(images, subjects, cov, spec, _fingerprint([raw[keep]]), str(path))
+    return SliceSet(images, subjects, cov, spec, _fingerprint([raw[keep]]), str(path), norm)
 
 
-def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(images (N, H, W), subjects (N,), whether the array is ``hu``)."""
     try:
         d = np.load(path, allow_pickle=False)
-        if "images" not in d.files:
-            raise MediffError(f"{path} has no 'images' array (found: {', '.join(d.files)})")
-        images = d["images"]
+        key = "images" if "images" in d.files else "hu" if "hu" in d.files else None
+        if key is None:
+            raise MediffError(f"{path} has no 'images' (or CT 'hu') array (found: {', '.join(d.files)})")
+        images = d[key]
         if "subject_index" in d.files and "subject_ids" in d.files:
             subjects = d["subject_ids"][d["subject_index"]].astype(str)
         elif "subject_index" in d.files:
             subjects = d["subject_index"].astype(str)
+        elif "patient_id" in d.files:
+            subjects = d["patient_id"].astype(str)
         else:
-            raise MediffError(f"{path} has no 'subject_index': a subject-level split is impossible")
+            raise MediffError(f"{path} has no 'subject_index' or 'patient_id': a subject-level split is impossible")
     except (OSError, ValueError) as exc:
         raise MediffError(f"cannot read {path}: {exc}") from exc
     if images.ndim != 3:
-        raise MediffError(f"{path}: 'images' must be (N, H, W), got {images.shape}")
-    return images, subjects
+        raise MediffError(f"{path}: '{key}' must be (N, H, W), got {images.shape}")
+    if len(subjects) != len(images):
+        raise MediffError(f"{path}: {len(subjects)} subject labels for {len(images)} images")
+    return images, subjects, key == "hu"
 
 
 def _from_folder(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -137,8 +180,10 @@ def _from_folder(path: Path) -> tuple[np.ndarray, np.ndarray]:
         slices.extend(stack)
         subjects.extend([name] * len(stack))
     side = max(max(s.shape) for s in slices)
-    slices = [np.pad(s, [(0, side - s.shape[0]), (0, side - s.shape[1])]) for s in slices]
-    return np.clip(np.stack(slices), 0, None), np.asarray(subjects)
+    # Pad with each slice's minimum: 0 for MR, air for CT in HU (a DICOM CT folder keeps its HU).
+    slices = [np.pad(s, [(0, side - s.shape[0]), (0, side - s.shape[1])], constant_values=min(float(s.min()), 0.0))
+              for s in slices]
+    return np.stack(slices), np.asarray(subjects)
 
 
 def _read_subject_folder(folder: Path):

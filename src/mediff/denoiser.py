@@ -34,7 +34,8 @@ class EDMPrecond(nn.Module):
     c_skip = sd^2/(s^2+sd^2), c_out = s sd / sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2).
     ``sigma_data`` (sd) and ``data_mean`` are measured on the training data; subtracting the mean keeps
     the EDM derivation (which assumes zero-mean data) valid for non-negative MR intensities.
-    ``cond`` is a covariate vector (B, K); zeros mean "unconditional".
+    ``cond`` is a covariate vector (B, K); zeros mean "unconditional". ``pos`` (Patch Diffusion) is
+    the crop's coordinate channels and is not scaled: positions are not noisy data.
     """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, data_mean: float = 0.0) -> None:
@@ -43,14 +44,15 @@ class EDMPrecond(nn.Module):
         self.sigma_data = float(sigma_data)
         self.data_mean = float(data_mean)
 
-    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, pos: Tensor | None = None) -> Tensor:
+        """``pos``: pixel coordinates of a training patch, passed to a position-aware net (else omitted)."""
         sigma = sigma.to(x.dtype).reshape(-1).expand(x.shape[0])
         s, sd = _bcast(sigma, x), self.sigma_data
         c_skip = sd**2 / (s**2 + sd**2)
         c_out = s * sd / (s**2 + sd**2).sqrt()
         c_in = 1 / (s**2 + sd**2).sqrt()
         xc = x - self.data_mean
-        f = self.net(c_in * xc, sigma.log() / 4, cond)
+        f = self.net(c_in * xc, sigma.log() / 4, cond) if pos is None else self.net(c_in * xc, sigma.log() / 4, cond, pos)
         return self.data_mean + c_skip * xc + c_out * f.to(x.dtype)
 
 

@@ -32,6 +32,7 @@ class UNetConfig:
     emb_dim: int = 128
     cond_dim: int = 0  # length of the covariate vector (0: unconditional)
     groups: int = 16
+    pos_channels: int = 0  # 2: pixel coordinates as extra input channels (Patch Diffusion), else 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,6 +40,13 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def coordinate_grid(h: int, w: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(1, 2, h, w): row and column coordinates of pixel centres in [-1, 1] (the whole image)."""
+    rows = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h * 2 - 1
+    cols = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w * 2 - 1
+    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"))[None]
 
 
 def _norm(c: int, groups: int) -> nn.GroupNorm:
@@ -96,7 +104,7 @@ class LeanUNet(nn.Module):
         self.emb = nn.Sequential(nn.Linear(cfg.emb_dim, cfg.emb_dim), nn.SiLU(), nn.Linear(cfg.emb_dim, cfg.emb_dim))
         self.cond = nn.Linear(cfg.cond_dim, cfg.emb_dim, bias=False) if cfg.cond_dim else None
         folded = cfg.in_channels * cfg.fold**2
-        self.inp = nn.Conv2d(folded, ch[0], 3, padding=1)
+        self.inp = nn.Conv2d(folded + cfg.pos_channels * cfg.fold**2, ch[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         skips, c = [], ch[0]
@@ -137,9 +145,15 @@ class LeanUNet(nn.Module):
             e = e + self.cond(cond if cond is not None else e.new_zeros(e.shape[0], self.config.cond_dim))
         return self.emb(e)
 
-    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None, pos: Tensor | None = None) -> Tensor:
+        """``pos`` (B or 1, 2, H, W): coordinates of x's pixels in the whole image (a training patch's
+        crop of ``coordinate_grid``); None = x is the whole image. Ignored without ``pos_channels``."""
         cfg, nlev = self.config, len(self.config.channels)
         emb = self._embed(c_noise, cond)
+        if cfg.pos_channels:
+            if pos is None:
+                pos = coordinate_grid(x.shape[-2], x.shape[-1], x.device, x.dtype)
+            x = torch.cat([x, pos.to(x.dtype).expand(x.shape[0], -1, -1, -1)], dim=1)
         h = self.inp(F.pixel_unshuffle(x, cfg.fold))
         skips, i = [], 0
         for lev in range(nlev):

@@ -55,8 +55,10 @@ def sample_images(model: str | Path, n: int = 16, steps: int = 50, sampler: str 
             den = prior if cond is None else CFGDenoiser(prior.model, cond, guidance)
             x = torch.randn((b, 1, s, s), generator=gen) * sigmas[0]
             out.append(SAMPLERS[sampler](den, x, sigmas, generator=gen, callback=cb))
+    norm = prior.meta["normalization"]
+    units = "HU" if norm["kind"] == "hu_window" else "normalised (1 = 99.5th percentile)"
     meta = {"model": prior.name, "sampler": sampler, "steps": steps, "nfe_per_image": nfe(sampler, steps),
-            "seed": seed, "covariates": cov, "guidance": guidance, "units": "normalised (1 = 99.5th percentile)"}
+            "seed": seed, "covariates": cov, "guidance": guidance, "units": units, "normalization": norm}
     return torch.cat(out).clamp_min(0), meta
 
 
@@ -73,12 +75,17 @@ def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarra
 
 
 def write_samples(folder: Path, images: Tensor, meta: dict, dicom: bool = False) -> None:
-    """PNG grid + NIfTI stack (H, W, N) + NPZ (+ DICOM series) of samples in normalised units."""
+    """PNG grid + NIfTI stack (H, W, N) + NPZ (+ DICOM series) of samples (N, 1, H, W) in the prior's
+    units: CT priors (``meta["units"] == "HU"``) write HU everywhere but the PNG, which shows the
+    [-1000, 1000] HU window; MR priors write normalised units (DICOM: x 1000)."""
     arr = images[:, 0].cpu().numpy().astype(np.float32)
     folder = Path(folder)
     io.write_png(folder / "samples_grid.png", grid(arr), vmin=0.0, vmax=1.0)
+    ct = meta.get("units") == "HU"
+    if ct:
+        arr = io.Normalization.from_dict(meta["normalization"]).invert(arr)
     io.write_nifti(folder / "samples.nii.gz", np.moveaxis(arr, 0, -1))
-    io.write_npz(folder / "samples.npz", images=arr, meta=np.array(json.dumps(meta)))
+    io.write_npz(folder / "samples.npz", **{"hu" if ct else "images": arr}, meta=np.array(json.dumps(meta)))
     if dicom:
-        io.write_dicom(folder / "dicom", np.moveaxis(arr * 1000, 0, -1), modality="MR")
+        io.write_dicom(folder / "dicom", np.moveaxis(arr if ct else arr * 1000, 0, -1), modality="CT" if ct else "MR")
     (folder / "samples.json").write_text(json.dumps(meta, indent=2))

@@ -4,6 +4,12 @@ Reproducibility: every step draws its batch indices, noise levels, noise and aug
 ``torch.Generator`` seeded by (seed, step). Training is therefore a pure function of the seed and the
 step count, and ``resume`` continues exactly where the last checkpoint left off. The global RNG is
 never used. Under ``torchrun`` every rank builds the same global batch and takes its own share.
+
+Small data sets (CT: tens of slices) can train on random patches with their pixel coordinates as
+extra input channels: Patch Diffusion (Wang et al. 2023, arXiv 2304.12526). A step is a whole-image
+step with probability ``full_prob``, else a step on crops of one size from ``patch_sizes``, with
+(size / patch)^2 as many crops as images so every step sees the same number of pixels. The network
+(``pos_channels = 2``) gets the crop's coordinates; at sampling time it sees the whole image grid.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from mediff.checkpoint import load_checkpoint, prefixed, save_checkpoint, split_
 from mediff.data import SliceSet, load_slices, split_by_subject
 from mediff.denoiser import EDMPrecond, edm_sigma_range
 from mediff.errors import MediffError
-from mediff.nets import LeanUNet, UNetConfig
+from mediff.nets import LeanUNet, UNetConfig, coordinate_grid
 
 VAL_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -50,6 +56,9 @@ class TrainConfig:
     val_every: int = 1000
     seed: int = 0
     net: dict = field(default_factory=lambda: UNetConfig().to_dict())
+    intensity: str = "auto"  # training units: "auto" | "percentile" | "hu" (mediff.data)
+    patch_sizes: tuple[int, ...] = ()  # Patch Diffusion crop sizes; () = whole images only
+    full_prob: float = 0.5  # with patch_sizes: probability of a whole-image step
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -58,25 +67,41 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def edm_loss(model: nn.Module, sd: float, x0: Tensor, cond: Tensor | None, gen: torch.Generator, p_mean: float,
-             p_std: float) -> Tensor:
+             p_std: float, pos: Tensor | None = None) -> Tensor:
     """EDM loss: sigma ~ logN(p_mean, p_std), weight (s^2+sd^2)/(s sd)^2, mean squared error.
 
-    ``model`` is the (possibly DDP-wrapped) preconditioned denoiser, ``sd`` its sigma_data.
+    ``model`` is the (possibly DDP-wrapped) preconditioned denoiser, ``sd`` its sigma_data; ``pos``
+    the coordinate channels of patches (None: whole images).
     """
     b = x0.shape[0]
     sigma = (torch.randn(b, generator=gen) * p_std + p_mean).exp()
     noise = torch.randn(x0.shape, generator=gen)
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-    denoised = model(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, cond)
+    denoised = model(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, cond, pos)
     return (weight.view(-1, 1, 1, 1) * (denoised - x0) ** 2).mean()
 
 
-def augment(x: Tensor, gen: torch.Generator) -> Tensor:
-    """Left-right flips and a small global intensity scale (0.9..1.1)."""
+def augment(x: Tensor, gen: torch.Generator, jitter: float = 0.1) -> Tensor:
+    """Left-right flips and a global intensity scale in [1 - jitter, 1 + jitter] (jitter 0 for HU,
+    whose values are physical; the draw is made either way so the random stream does not depend on it)."""
     b = x.shape[0]
     flip = torch.rand(b, generator=gen) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    return x * (0.9 + 0.2 * torch.rand(b, 1, 1, 1, generator=gen))
+    return x * ((1 - jitter) + 2 * jitter * torch.rand(b, 1, 1, 1, generator=gen))
+
+
+def random_crops(x: Tensor, pos: Tensor, p: int, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """``n`` random p x p crops of the images x (B, C, S, S) and of their coordinate grid pos
+    (1, 2, S, S): (crops (n, C, p, p), coordinates (n, 2, p, p), source image index (n,))."""
+    b, c, h, w = x.shape
+    src = torch.randint(b, (n,), generator=gen)
+    top = torch.randint(h - p + 1, (n,), generator=gen)
+    left = torch.randint(w - p + 1, (n,), generator=gen)
+    rows = (top[:, None] + torch.arange(p))[:, None, :, None]  # (n, 1, p, 1)
+    cols = (left[:, None] + torch.arange(p))[:, None, None, :]  # (n, 1, 1, p)
+    crops = x[src[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    coords = pos[0][torch.arange(2)[None, :, None, None], rows, cols]
+    return crops, coords, src
 
 
 class Trainer:
@@ -91,6 +116,13 @@ class Trainer:
         multiple = net.fold * 2 ** (len(net.channels) - 1)
         if cfg.size % multiple:
             raise MediffError(f"--size {cfg.size} must be a multiple of {multiple} for a {len(net.channels)}-level UNet")
+        for p in cfg.patch_sizes:
+            if p % multiple or not 0 < p < cfg.size:
+                raise MediffError(f"patch size {p} must be a multiple of {multiple} below --size {cfg.size}")
+        if cfg.patch_sizes and not net.pos_channels:
+            raise MediffError("patch training needs the coordinate channels: add --position")
+        if not 0.0 <= cfg.full_prob <= 1.0:
+            raise MediffError(f"--full-prob must be in [0, 1], got {cfg.full_prob}")
         tr, va = split_by_subject(data.subjects, cfg.n_val_subjects, cfg.seed)
         self.train, self.val = data.subset(tr), data.subset(va)
         self.data = data
@@ -105,15 +137,15 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step, self.images_seen, self.wall = 0, 0, 0.0
-        ckpt = self.out / "checkpoint.safetensors"
-        if resume and ckpt.exists():
-            self._load(ckpt)
+        ckpt, compact = self.out / "checkpoint.safetensors", self.out / COMPACT_NAME
+        if resume and (ckpt.exists() or compact.exists()):
+            self._load(ckpt if ckpt.exists() else compact)
             if self.rank == 0:  # half-written temp files of a killed run (each up to a checkpoint's size)
                 for tmp in self.out.glob(".mediff-tmp-*"):
                     tmp.unlink(missing_ok=True)
         elif resume:
             raise MediffError(f"--resume given but no checkpoint in {self.out}")
-        elif ckpt.exists():
+        elif ckpt.exists() or compact.exists():
             raise MediffError(f"{self.out} already holds a training run: use --resume to continue it")
         self.ddp = (nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model)
 
@@ -129,7 +161,7 @@ class Trainer:
             "sigma_min": sig_min,
             "sigma_max": sig_max,
             "image_size": self.cfg.size,
-            "normalization": {"kind": "percentile", "percentile": 99.5},
+            "normalization": self.data.normalization,
             "covariates": self.data.covariate_spec,
             "data": {"source": self.data.source, "fingerprint": self.data.fingerprint,
                      "n_train_slices": len(self.train.images), "n_val_slices": len(self.val.images),
@@ -163,12 +195,17 @@ class Trainer:
         if same != mine:
             diff = sorted(k for k in same if same[k] != mine[k])
             raise MediffError(f"cannot resume {path}: settings differ ({', '.join(diff)})")
-        self.model.load_state_dict(split_prefix(tensors, "model"))
-        self.ema.load_state_dict(split_prefix(tensors, "ema"))
+        if meta.get("compact") and self.rank == 0:
+            print(f"resuming from the compact checkpoint {path.name}: weights were rounded to 16 bits and "
+                  "Adam's first moments restart at 0 (not bit-exact)")
+        self.model.load_state_dict(to_dtype(split_prefix(tensors, "model"), torch.float32))
+        self.ema.load_state_dict(to_dtype(split_prefix(tensors, "ema"), torch.float32))
         state = self.opt.state_dict()
-        for i in range(len(list(self.model.parameters()))):
+        for i, p in enumerate(self.model.parameters()):
             sub = split_prefix(tensors, f"opt.{i}")
             if sub:
+                sub = {k: v.float() if k == "exp_avg_sq" else v for k, v in sub.items()}
+                sub.setdefault("exp_avg", torch.zeros_like(p))
                 state["state"][i] = sub
         self.opt.load_state_dict(state)
         self.step, self.images_seen, self.wall = meta["step"], meta["images_seen"], meta["wall_seconds"]
@@ -178,16 +215,24 @@ class Trainer:
         cfg = self.cfg
         gen = step_generator(cfg.seed, self.step)
         idx = torch.randint(len(self.train.images), (cfg.batch,), generator=gen)
-        x0 = augment(self.train.images[idx], gen)
+        x0 = augment(self.train.images[idx], gen, 0.0 if self.data.is_hu else 0.1)
         cond = None
         if self.train.covariates is not None:
             keep = (torch.rand(cfg.batch, generator=gen) >= cfg.cond_drop).float()
             cond = self.train.covariates[idx] * keep[:, None]
+        pos = None
+        if cfg.patch_sizes and float(torch.rand(1, generator=gen)) >= cfg.full_prob:
+            p = cfg.patch_sizes[int(torch.randint(len(cfg.patch_sizes), (1,), generator=gen))]
+            # Crops of the augmented images, with the whole-image grid: a crop's coordinates say where it sits.
+            n = cfg.batch * (cfg.size // p) ** 2
+            x0, pos, src = random_crops(x0, coordinate_grid(cfg.size, cfg.size), p, n, gen)
+            cond = None if cond is None else cond[src]
         p_mean = -1.2 + math.log(self.sigma_data / 0.5)
         # Every rank builds the same global batch (same generator) and trains on its own share.
         share = slice(self.rank, None, self.world)
         rank_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + self.rank)
-        loss = edm_loss(self.ddp, self.sigma_data, x0[share], None if cond is None else cond[share], rank_gen, p_mean, cfg.p_std)
+        loss = edm_loss(self.ddp, self.sigma_data, x0[share], None if cond is None else cond[share], rank_gen, p_mean,
+                        cfg.p_std, None if pos is None else pos[share])
         for g in self.opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
         self.opt.zero_grad(set_to_none=True)
@@ -264,6 +309,33 @@ class Trainer:
             w.writerow(row)
 
 
+COMPACT_NAME = "resume.safetensors"
+
+
+def compact_checkpoint(run: Path) -> Path:
+    """Write ``run/resume.safetensors``, a compact resumable state of ``run/checkpoint.safetensors``
+    (38 % of its size): model and EMA weights in fp16, Adam's second moments in bf16 (their range
+    needs bf16's exponent), first moments dropped (they forget in ~10 steps with beta1 = 0.9).
+
+    It is what a project keeps in version control to continue training in a later session; resuming
+    from it is not bit-exact (``Trainer`` says so), resuming from checkpoint.safetensors is.
+    """
+    tensors, meta = load_checkpoint(run / "checkpoint.safetensors")
+    out: dict[str, Tensor] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt.") and k.endswith(".exp_avg"):
+            continue
+        if k.startswith("opt.") and k.endswith(".exp_avg_sq"):
+            out[k] = v.bfloat16()
+        elif k.startswith(("model.", "ema.")) and v.is_floating_point():
+            out[k] = v.half()
+        else:
+            out[k] = v
+    path = run / COMPACT_NAME
+    save_checkpoint(path, out, {**meta, "compact": True})
+    return path
+
+
 def plot_validation(csv_path: Path, png_path: Path) -> None:
     """Validation PSNR vs images seen, one line per sigma."""
     import matplotlib
@@ -300,7 +372,7 @@ def train(data_path: Path, out_dir: Path, cfg: TrainConfig, covariates: Path | N
           resume: bool = False, progress: bool = True) -> Trainer:
     """Load data, split by subject, train to ``cfg.steps`` with checkpoints in ``out_dir``."""
     init_distributed()
-    data = load_slices(Path(data_path), cfg.size, covariates)
+    data = load_slices(Path(data_path), cfg.size, covariates, intensity=cfg.intensity)
     trainer = Trainer(data, out_dir, cfg, resume=resume)
     trainer.fit(progress=progress)
     return trainer

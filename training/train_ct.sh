@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Trains (or resumes) a candidate of the shipped CT prior on the TCGA-LUAD HU slices:
+#   training/train_ct.sh whole|patch [STEPS] [DATA]
+# whole: the position-aware LeanUNet on whole 128-px slices; patch: the same network with Patch
+# Diffusion (32/64-px crops with their coordinates, whole slices half of the steps). 8 patients are
+# held out (the same split for both: same seed). Equivalent CLI (patch):
+#   mediff train --data ../shared/data/ct_tcga/ct_hu_512.npz --out training/ct-patch --size 128 --batch 16 \
+#     --steps 1400 --val-subjects 8 --intensity hu --position --patch-sizes 32,64 --full-prob 0.5 [--resume]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KIND=${1:?whole or patch}
+STEPS=${2:-1400}
+DATA=${3:-../shared/data}
+case "$KIND" in
+  whole) extra=() ;;
+  patch) extra=(--patch-sizes 32,64 --full-prob 0.5) ;;
+  *) echo "usage: $0 whole|patch [STEPS] [DATA]" >&2; exit 2 ;;
+esac
+out=training/ct-$KIND
+resume=""; { [ -f "$out/checkpoint.safetensors" ] || [ -f "$out/resume.safetensors" ]; } && resume="--resume"
+exec .venv/bin/python -m mediff train --data "$DATA/ct_tcga/ct_hu_512.npz" --out "$out" --size 128 --batch 16 \
+  --steps "$STEPS" --val-subjects 8 --val-every 200 --intensity hu --position "${extra[@]}" --no-progress $resume
