@@ -212,22 +212,20 @@ def test_mr_prior_with_ct_image(tiny_priors: dict[str, Path], files: dict[str, P
 
 @pytest.fixture(scope="module")
 def tiny_priors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 2-step 32 px prior as trained (percentile normalisation: an 'MR' prior) and the same weights
-    marked as a CT prior (hu_window), since training writes percentile normalisation only."""
-    from mediff.checkpoint import load_checkpoint, save_checkpoint
+    """2-step 32 px priors: one trained on the phantom in HU (a CT prior: hu_window normalisation,
+    auto-detected) and one on the same anatomy as relative intensities (percentile: an 'MR' prior)."""
     from mediff.nets import UNetConfig
     from mediff.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("prior")
-    imgs = np.stack([(regions(32)[0] + 1000) / 2000 * (1 + 0.1 * k) for k in range(6)]).astype(np.float32)
-    np.savez(root / "d.npz", images=imgs, subject_index=np.arange(6) % 3)
-    cfg = TrainConfig(size=32, steps=2, batch=4, checkpoint_every=2, val_every=2, n_val_subjects=1,
-                      net=UNetConfig(channels=(8, 16), blocks=(1, 1), attention_levels=(1,)).to_dict())
-    train(root / "d.npz", root / "run", cfg, progress=False)
-    tensors, meta = load_checkpoint(root / "run" / "prior.safetensors")
-    meta["normalization"] = {"kind": "hu_window", "hu_min": -1000, "hu_max": 1000}
-    save_checkpoint(root / "ct" / "prior.safetensors", tensors, meta)
-    return {"mr": root / "run" / "prior.safetensors", "ct": root / "ct" / "prior.safetensors"}
+    hu = np.stack([regions(32)[0] * (1 + 0.1 * k) for k in range(6)]).astype(np.float32).clip(-1000, None)
+    np.savez(root / "ct.npz", hu=hu.astype(np.int16), patient_id=np.asarray(["a", "b", "c"] * 2))
+    np.savez(root / "mr.npz", images=hu + 1000, subject_index=np.arange(6) % 3)
+    net = UNetConfig(channels=(8, 16), blocks=(1, 1), attention_levels=(1,)).to_dict()
+    for kind in ("ct", "mr"):
+        cfg = TrainConfig(size=32, steps=2, batch=4, checkpoint_every=2, val_every=2, n_val_subjects=1, net=net)
+        train(root / f"{kind}.npz", root / kind, cfg, progress=False)
+    return {k: root / k / "prior.safetensors" for k in ("ct", "mr")}
 
 
 @pytest.mark.parametrize("case, needle", [("nan", "NaN"), ("mr", "Hounsfield"), ("sino", "sinogram must have shape"),

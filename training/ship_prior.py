@@ -1,9 +1,13 @@
-"""Ship a trained prior: copy a run's EMA weights into the package and write its model card.
+"""Ship a trained prior: copy a run's EMA weights into the package, write its model card, and write
+the run's compact resumable state (``resume.safetensors``, the file version control keeps).
 
     python training/ship_prior.py training/brain-t1 brain-t1
+    python training/ship_prior.py training/ct-whole ct
 
-Every number in the card comes from the run's metadata, its validation log (val.csv) and
-benchmarks/results/denoise.json (python benchmarks/denoise.py --model training/brain-t1/prior.safetensors).
+Every number in the card comes from the run's metadata, its validation log (val.csv) and the
+benchmark results: benchmarks/results/denoise.json for brain-t1
+(python benchmarks/denoise.py --model training/brain-t1/prior.safetensors) and
+benchmarks/results/ct_prior.json for ct (python benchmarks/ct_prior.py ...).
 """
 
 from __future__ import annotations
@@ -15,61 +19,119 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LICENSES = {
-    "brain-t1": ("IXI dataset (Imperial College London, brain-development.org/ixi-dataset), T1-weighted, "
-                 "Hammersmith Hospital Philips 3T, 2 mm isotropic", "CC BY-SA 3.0 (weights are derived from IXI and "
-                 "shared under the same license; credit \"IXI dataset, Imperial College London\")"),
+sys.path.insert(0, str(ROOT / "src"))
+
+from mediff.train import compact_checkpoint  # noqa: E402
+
+CARDS = {
+    "brain-t1": {
+        "data": "IXI dataset (Imperial College London, brain-development.org/ixi-dataset), T1-weighted, Hammersmith "
+                "Hospital Philips 3T, 2 mm isotropic",
+        "license": "CC BY-SA 3.0 (weights are derived from IXI and shared under the same license; credit \"IXI "
+                   "dataset, Imperial College London\")",
+        "command": "training/train_brain_t1.sh  # = mediff train --data ../shared/data/ixi_t1/ixi_t1_axial_128.npz "
+                   "--covariates ../shared/data/ixi_t1/participants.csv --out training/brain-t1 --size 128 "
+                   "--batch 16 --steps 100000 --val-subjects 20 [--resume]",
+        "what": "axial brain T1 slices",
+        "use": "Research use: synthesis of brain T1 slices and as the prior of MRI reconstruction. Trained on one site "
+               "(Philips 3T, healthy adults); not validated for diagnosis, pathology, other contrasts or paediatric "
+               "data.",
+    },
+    "ct": {
+        "data": "The Cancer Imaging Archive (TCIA), TCGA-LUAD collection: 77 chest/abdomen/pelvis CT slices in HU "
+                "of 42 patients (one slice per series), downsampled to 128 px",
+        "license": "CC BY 3.0 (credit \"The Cancer Imaging Archive (TCIA), TCGA-LUAD\")",
+        "command": "training/train_ct.sh {kind}  # = mediff train --data ../shared/data/ct_tcga/ct_hu_512.npz "
+                   "--out training/ct-{kind} --size 128 --batch 16 --steps 1400 --val-subjects 8 --val-every 200 "
+                   "--intensity hu --position{patch} [--resume]",
+        "what": "axial CT slices",
+        "use": "Research use: the prior of sparse-view, limited-angle and low-dose CT reconstruction at 128 px. "
+               "Learnt from 63 slices of 34 patients: a small-data prior, not validated for diagnosis.",
+    },
 }
-COMMANDS = {"brain-t1": "training/train_brain_t1.sh  # = mediff train --data ../shared/data/ixi_t1/ixi_t1_axial_128.npz "
-                        "--covariates ../shared/data/ixi_t1/participants.csv --out training/brain-t1 --size 128 "
-                        "--batch 16 --steps 100000 --val-subjects 20 [--resume]"}
+
+
+def units(meta: dict) -> str:
+    norm = meta["normalization"]
+    if norm["kind"] == "hu_window":
+        lo, hi = norm["params"]["hu_min"], norm["params"]["hu_max"]
+        return (f"in u = (HU - ({lo:g})) / {hi - lo:g} (u = 0 at {lo:g} HU, 1 at {hi:g} HU; stored in the metadata "
+                "`normalization`, so `Prior.normalize` / `denormalize` map HU <-> u exactly)")
+    return "with intensities normalised per slice (0 -> 0, 99.5th percentile -> 1)"
+
+
+def benchmark_lines(name: str, run: Path, meta: dict) -> list[str]:
+    """The card's measured comparison with classical methods, if the benchmark ran on this step."""
+    res = ROOT / "benchmarks" / "results"
+    if name == "ct" and (res / "ct_prior.json").exists():
+        d = json.loads((res / "ct_prior.json").read_text())
+        rows = [r for r in d["rows"]]
+        if not any(r["step"] == meta["step"] and d["meta"]["candidates"].get(r["candidate"], "").startswith(
+                f"training/{run.name}/") for r in rows):
+            return []
+        keys = [k for k in rows[0] if k not in ("candidate",)]
+        lines = [f"## Candidates on the {d['meta']['n_slices']} slices of the {len(d['meta']['eval_patients'])} "
+                 "held-out patients", "", "| candidate | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += ["| " + " | ".join([r["candidate"]] + [f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k])
+                                                         for k in keys]) + " |" for r in rows]
+        cands = ",".join(f"{k}={v}" for k, v in d["meta"]["candidates"].items())
+        return lines + ["", f"`python benchmarks/ct_prior.py --candidates {cands}` (denoising PSNR in u units, data "
+                            "range 1; reconstruction PSNR in the HU window [-1000, 1000]; FBP has no prior).", ""]
+    den = res / "denoise.json"
+    if name != "ct" and den.exists():
+        d = json.loads(den.read_text())
+        if d["meta"].get("step") == meta["step"]:
+            lines = ["## Denoising vs classical denoisers (oracle-tuned), held-out subjects", "",
+                     "| sigma | noisy | prior | Gaussian (oracle) | TV (oracle) |", "|---|---|---|---|---|"]
+            lines += [f"| {r['sigma']} | {r['noisy_PSNR']:.2f} | {r['prior_PSNR']:.2f} | "
+                      f"{r['gaussian_oracle_PSNR']:.2f} | {r['tv_oracle_PSNR']:.2f} |" for r in d["rows"]]
+            return lines + ["", f"`python benchmarks/denoise.py --model training/{run.name}/prior.safetensors --n "
+                                f"{d['meta']['n_slices']}` (PSNR in dB, data range 1).", ""]
+    return []
 
 
 def main(run: Path, name: str) -> None:
     weights = ROOT / "src" / "mediff" / "weights"
     weights.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run / "prior.safetensors", weights / f"{name}.safetensors")
+    compact = compact_checkpoint(run)
     meta = json.loads((run / "prior.json").read_text())
     val = list(csv.DictReader(open(run / "val.csv"))) if (run / "val.csv").exists() else []
     last = [r for r in val if r["step"] == val[-1]["step"]] if val else []
-    data, lic = LICENSES.get(name, ("see training metadata", "see training data license"))
+    card = CARDS[name]
+    kind = run.name.removeprefix("ct-")
+    patch = "" if not meta["train"].get("patch_sizes") else \
+        f" --patch-sizes {','.join(map(str, meta['train']['patch_sizes']))} --full-prob {meta['train']['full_prob']}"
     size_mb = (weights / f"{name}.safetensors").stat().st_size / 1e6
+    net = meta["net"]
     lines = [f"# Model card: `{name}`", "",
-             f"A 2D diffusion prior (EDM preconditioning, LeanUNet {meta['net']['channels']} channels, "
-             f"{size_mb:.1f} MB fp16 EMA weights) of {meta['image_size']}-px axial slices, intensities normalised per "
-             "slice (0 -> 0, 99.5th percentile -> 1).", "",
-             "## Data and license", f"- Data: {data}.", f"- License: {lic}.",
+             f"A 2D diffusion prior (EDM preconditioning, LeanUNet {net['channels']} channels"
+             + (", pixel coordinates as 2 extra inputs" if net.get("pos_channels") else "")
+             + f", {size_mb:.1f} MB fp16 EMA weights) of {meta['image_size']}-px {card['what']}, {units(meta)}.", "",
+             "## Data and license", f"- Data: {card['data']}.", f"- License: {card['license']}.",
              f"- Training slices: {meta['data']['n_train_slices']}; validation slices: {meta['data']['n_val_slices']} "
              f"from {len(meta['data']['val_subjects'])} held-out subjects (split by subject): "
              f"{', '.join(meta['data']['val_subjects'])}.",
              f"- Data fingerprint: `{meta['data']['fingerprint']}`.",
              "- Covariates: " + (", ".join(meta["covariates"]["columns"]) + " (classifier-free guidance, 10 % dropout)"
                                  if meta.get("covariates") else "none"), "",
-             "## Training", f"- Command: `{COMMANDS.get(name, 'see metadata')}`",
+             "## Training", f"- Command: `{card['command'].format(kind=kind, patch=patch)}`",
              f"- Steps: {meta['step']}; images seen: {meta['images_seen']}; wall time: {meta['wall_seconds'] / 3600:.2f} h "
              f"(2-core CPU, torch {meta['torch']}).",
              f"- sigma_data {meta['sigma_data']:.4f}, data mean {meta['data_mean']:.4f}, sigma range "
-             f"[{meta['sigma_min']:.4g}, {meta['sigma_max']:.4g}].", ""]
+             f"[{meta['sigma_min']:.4g}, {meta['sigma_max']:.4g}].",
+             f"- Resumable state: `training/{run.name}/{compact.name}` (compact: 16-bit weights and Adam second "
+             "moments); the script above continues from it.", ""]
     if last:
         lines += ["## Validation denoising (EMA, held-out subjects, normalised units)", "",
                   "| sigma | MSE | PSNR (dB) |", "|---|---|---|"]
         lines += [f"| {r['sigma']} | {float(r['mse']):.5f} | {float(r['psnr']):.2f} |" for r in last]
         lines += ["", f"Logged at step {last[0]['step']} by the training loop (`{run.name}/val.csv`, plot `val.png`).", ""]
-    den = ROOT / "benchmarks" / "results" / "denoise.json"
-    if den.exists():
-        d = json.loads(den.read_text())
-        if d["meta"].get("step") == meta["step"]:
-            lines += ["## Denoising vs classical denoisers (oracle-tuned), held-out subjects", "",
-                      "| sigma | noisy | prior | Gaussian (oracle) | TV (oracle) |", "|---|---|---|---|---|"]
-            lines += [f"| {r['sigma']} | {r['noisy_PSNR']:.2f} | {r['prior_PSNR']:.2f} | {r['gaussian_oracle_PSNR']:.2f} | "
-                      f"{r['tv_oracle_PSNR']:.2f} |" for r in d["rows"]]
-            lines += ["", f"`python benchmarks/denoise.py --model training/{run.name}/prior.safetensors --n "
-                          f"{d['meta']['n_slices']}` (PSNR in dB, data range 1).", ""]
-    lines += ["## Intended use and limits",
-              "Research use: synthesis of brain T1 slices and as the prior of MRI reconstruction. Trained on one site "
-              "(Philips 3T, healthy adults); not validated for diagnosis, pathology, other contrasts or paediatric data."]
+    lines += benchmark_lines(name, run, meta)
+    lines += ["## Intended use and limits", card["use"]]
     (weights / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print(f"shipped {name}: step {meta['step']}, {size_mb:.1f} MB")
+    print(f"shipped {name}: step {meta['step']}, {size_mb:.1f} MB; resumable state {compact} "
+          f"({compact.stat().st_size / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":
