@@ -295,6 +295,23 @@ def test_compact_checkpoint_resumes_close_to_exact(tmp_path: Path) -> None:
     assert models_differ(mid, tb)
 
 
+def test_resume_a_checkpoint_from_before_pos_channels(tmp_path: Path) -> None:
+    """A checkpoint whose net config predates ``pos_channels`` (e.g. the committed brain-t1 run) resumes."""
+    from mediff.checkpoint import save_checkpoint
+
+    data, _ = make_npz(tmp_path)
+    common = ["--data", data, "--val-subjects", 1, "--val-every", 100, *TINY]
+    run = tmp_path / "r"
+    assert run_cli("train", "--out", run, "--steps", 2, *common)[0] == 0
+    tensors, meta = load_checkpoint(run / "checkpoint.safetensors")
+    for net in (meta["net"], meta["train"]["net"]):
+        del net["pos_channels"]
+    save_checkpoint(run / "checkpoint.safetensors", tensors, meta)
+    code, _, err = run_cli("train", "--out", run, "--steps", 3, "--resume", *common)
+    assert code == 0, err
+    assert load_checkpoint(run / "checkpoint.safetensors")[1]["step"] == 3
+
+
 def make_ct_npz(root: Path, n_patients: int = 4) -> Path:
     """CT slices in HU (air -1000, soft tissue ~40, bone ~700) as ``hu`` + ``patient_id``, 64 px."""
     rng = np.random.default_rng(5)

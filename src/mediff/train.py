@@ -190,6 +190,8 @@ class Trainer:
         if meta["data"]["fingerprint"] != self.data.fingerprint:
             raise MediffError(f"{path} was trained on other data (fingerprint differs): refusing to resume")
         same = {k: v for k, v in meta["train"].items() if k not in ("steps", "checkpoint_every", "val_every")}
+        if "net" in same:  # fields added to UNetConfig since the checkpoint was written take their defaults
+            same["net"] = json.loads(json.dumps(UNetConfig.from_dict(same["net"]).to_dict()))
         # Compare in JSON form: the stored settings came back from JSON (lists, not tuples).
         mine = json.loads(json.dumps({k: v for k, v in asdict(self.cfg).items() if k in same}))
         if same != mine:
