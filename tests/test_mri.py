@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from mediff.errors import MediffError
-from mediff.masks import equispaced_1d, poisson_disc_2d, random_1d
+from mediff.masks import equispaced_1d, make_mask, poisson_disc_2d, random_1d
 from mediff.mri import (
     MultiCoilMRI,
     SingleCoilMRI,
     check_kspace,
     estimate_coil_maps,
+    estimate_noise_sigma,
     fft2c,
+    hann_calib_window,
     ifft2c,
     lowres_phase,
     rss,
@@ -285,6 +287,109 @@ def test_lowres_phase_matches_smooth_object_phase() -> None:
     assert ((x.abs() * ph_mc - x)[..., interior].abs().max()) < 0.05 * x.abs().max()
     with pytest.raises(MediffError):
         lowres_phase(op.A(x), mask, calib=16)  # multi-coil data without maps
+
+
+def test_hann_calib_window_square_band_and_full_axis() -> None:
+    sq = hann_calib_window((H, W), 8)
+    assert sq.shape == (H, W) and sq[H // 2, W // 2] == 1.0
+    assert torch.equal(sq, hann_calib_window((H, W), (8, 8)))
+    assert (sq > 0).sum() == 64 and sq.min() >= 0
+    # a band (rows, cols) that covers every row: flat (= 1) along the rows, Hann across the columns
+    band = hann_calib_window((H, W), (H, 8))
+    assert (band > 0).sum() == H * 8
+    assert torch.equal(band, sq[H // 2].expand(H, W))  # every row equals the Hann profile of the centre row
+    assert torch.equal(hann_calib_window((H, W), (H + 5, W)), torch.ones(H, W, dtype=torch.float64))
+    with pytest.raises(MediffError):
+        hann_calib_window((H, W), (8, 8, 8))
+
+
+def test_lowres_phase_full_band_resolves_the_sampled_direction() -> None:
+    # An object whose phase varies quickly along the rows (the readout, fully sampled by a 1D mask):
+    # the whole calibration band (all rows x centre columns) resolves it, a square of the centre
+    # columns' width cannot.
+    n = 64
+    obj, support = _phantom(n)
+    y = (torch.arange(n, dtype=torch.float64) - n // 2) / (n / 2)
+    x = (obj.abs() * torch.exp(1j * 1.5 * torch.sin(4 * math.pi * y))[:, None]).view(1, 1, n, n)
+    from mediff.recon import calib_region
+
+    mask = random_1d((n, n), 4, 0.16, 0).tensor()
+    rows, cols = calib_region(mask.numpy())
+    assert rows == n and 8 <= cols <= 12
+    k = SingleCoilMRI(mask).A(x)
+    true_phase = x / x.abs()
+    interior = _phantom(n, inside=0.6)[1]
+    err_band = (lowres_phase(k, mask, calib=(n, cols)) - true_phase)[..., interior].abs()
+    err_square = (lowres_phase(k, mask, calib=cols) - true_phase)[..., interior].abs()
+    assert err_band.mean() < 0.05 and err_square.mean() > 3 * err_band.mean(), (err_band.mean(), err_square.mean())
+    # same accuracy through the SENSE operator
+    maps = simulate_coil_maps((n, n), 6, dtype=torch.complex128)
+    op = MultiCoilMRI(mask, maps)
+    assert (lowres_phase(op.A(x), op, calib=(n, cols)) - true_phase)[..., interior].abs().mean() < 0.05
+
+
+def _brain_like(n: int = 128, seed: int = 0) -> np.ndarray:
+    """A real-looking T1-like slice in MR units (peak ~1000): scalp, textured grey/white matter,
+    ventricles, all with 1-pixel smooth edges like a band-limited acquisition (no sharp steps)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = (np.mgrid[:n, :n] - n / 2) / (n / 2)
+    img = np.where((yy / 0.85) ** 2 + (xx / 0.68) ** 2 < 1, 0.6, 0.0)
+    texture = gaussian_filter(rng.standard_normal((n, n)), 3)
+    white = gaussian_filter(rng.standard_normal((n, n)), 6) > 0
+    tissue = np.where(white, 1.0, 0.75) + 0.05 * texture / texture.std()
+    img = np.where((yy / 0.76) ** 2 + (xx / 0.6) ** 2 < 1, tissue, img)
+    img = np.where(((yy + 0.05) / 0.25) ** 2 + ((np.abs(xx) - 0.09) / 0.06) ** 2 < 1, 0.25, img)
+    return gaussian_filter(img, 1.0) * 900
+
+
+@pytest.mark.parametrize("coils, kind", [(1, "random1d"), (8, "random1d"), (8, "poisson2d"), (4, "radial")])
+def test_estimate_noise_sigma_recovers_known_noise(coils: int, kind: str) -> None:
+    n = 128
+    image = torch.from_numpy(_brain_like(n))[None, None]
+    ref = float(np.percentile(image.numpy(), 99.5))
+    mask = make_mask(kind, (n, n), 4, 0.08, 0).mask
+    maps = simulate_coil_maps((n, n), coils, dtype=torch.complex128) if coils > 1 else None
+    for level in (0.002, 0.01, 0.05):
+        sigma = level * ref
+        y = simulate_kspace(image, mask, maps, noise_sigma=sigma, generator=_gen(3))
+        est = estimate_noise_sigma(y, mask)
+        assert est == pytest.approx(sigma, rel=0.1), (level, est / sigma)
+    # noiseless: what is left of the image in the outer k-space is ~0 (measured < 1e-3 of the scale)
+    clean = estimate_noise_sigma(simulate_kspace(image, mask, maps), mask)
+    assert 0 <= clean < 1e-3 * ref, clean / ref
+
+
+def test_estimate_noise_sigma_inputs() -> None:
+    n = 64
+    image = torch.from_numpy(_brain_like(n))[None, None]
+    sigma = 20.0
+    mask = random_1d((n, n), 3, 0.1, 0)
+    maps = simulate_coil_maps((n, n), 4, dtype=torch.complex128)
+    y = simulate_kspace(image.expand(2, 1, n, n), mask.tensor(), maps, noise_sigma=sigma, generator=_gen(5))
+    est = estimate_noise_sigma(y, mask)  # a Mask object, a batch (B, C, H, W)
+    assert est == pytest.approx(sigma, rel=0.1)
+    assert estimate_noise_sigma(y[0].numpy(), mask.mask) == pytest.approx(estimate_noise_sigma(y[:1], mask), rel=1e-12)
+    batched = torch.from_numpy(mask.mask.copy())[None, None].expand(2, 1, n, n)
+    assert estimate_noise_sigma(y, batched) == pytest.approx(est, rel=1e-12)
+    # scales with the data
+    assert estimate_noise_sigma(3 * y, mask) == pytest.approx(3 * est, rel=1e-9)
+    # entries that are exactly zero in every coil (zero-padded readout) are not measurements
+    padded = y.clone()
+    padded[..., :6, :] = 0
+    padded[..., -6:, :] = 0
+    assert estimate_noise_sigma(padded, mask) == pytest.approx(sigma, rel=0.15)
+    bad = y.clone()
+    bad[0, 0, 0, 0] = complex(float("nan"), 0)
+    with pytest.raises(MediffError, match="NaN"):
+        estimate_noise_sigma(bad, mask)
+    with pytest.raises(MediffError, match="grid"):
+        estimate_noise_sigma(y, torch.ones(n, n + 1))
+    with pytest.raises(MediffError, match="too few"):
+        estimate_noise_sigma(y[:1, :, :3, :3], torch.ones(3, 3))  # 4 corner entries
+    with pytest.raises(MediffError):
+        estimate_noise_sigma(y, mask, fraction=0)
 
 
 def test_check_kspace() -> None:

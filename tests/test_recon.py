@@ -298,6 +298,75 @@ def test_fastmri_hdf5_retrospective(prior: Path, tmp_path: Path) -> None:
     assert_same_units(zf, phantom())
 
 
+def _multicoil_h5(path: Path, n_slices: int = 2, n_coils: int = 4, sigma: float = 0.0, nan: bool = False) -> np.ndarray:
+    """A tiny fastMRI-style multi-coil file: ``kspace`` (S, C, H, W) complex64, fully sampled, of a
+    smoothed phantom (slice s scaled by 1 + s / 4) with a smooth phase and complex noise of std
+    ``sigma`` per entry; ``reconstruction_rss`` (S, H, W) and fastMRI's attrs. Returns the clean
+    magnitudes (S, H, W)."""
+    import h5py
+    from scipy.ndimage import gaussian_filter
+
+    from mediff.mri import fft2c, ifft2c, rss, simulate_coil_maps
+
+    yy, xx = (np.mgrid[:SIZE, :SIZE] - SIZE / 2) / (SIZE / 2)
+    mags = np.stack([gaussian_filter(phantom(), 1.0) * (1 + s / 4) for s in range(n_slices)])
+    x = torch.from_numpy(mags * np.exp(1j * (0.7 * yy - 0.5 * xx + 0.3 * xx * yy)))[:, None]  # (S, 1, H, W)
+    maps = simulate_coil_maps((SIZE, SIZE), n_coils, seed=1, dtype=torch.complex128)
+    k = fft2c(maps[None] * x)
+    k = k + sigma * torch.randn(k.shape, dtype=k.dtype, generator=torch.Generator().manual_seed(0))
+    k = k.numpy().astype(np.complex64)
+    if nan:
+        k[:, 1, 3, 4] = np.nan  # every slice: only the one reconstructed is checked
+    recon_rss = rss(ifft2c(torch.from_numpy(k))).squeeze(1).numpy().astype(np.float32)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("kspace", data=k)
+        f.create_dataset("reconstruction_rss", data=recon_rss)
+        f.attrs["acquisition"] = "AXT1"
+        f.attrs["max"] = float(np.nan_to_num(recon_rss).max())
+        f.attrs["norm"] = float(np.linalg.norm(np.nan_to_num(recon_rss)))
+        f.attrs["patient_id"] = "tiny"
+    return mags
+
+
+def test_fastmri_multicoil_hdf5_estimates_noise_end_to_end(prior: Path, tmp_path: Path) -> None:
+    """Measured multi-coil k-space through the CLI: the noise level comes from the data (not --noise),
+    reaches the solver as Task.noise_sigma and is reported in metrics.json; --noise / --coils, which only
+    simulate k-space from images, are named as ignored."""
+    pytest.importorskip("h5py")
+    from mediff.recon import calib_region, prepare_mri
+
+    path = tmp_path / "case.h5"
+    sigma = 16.0  # 2 % of the phantom's peak (800), per complex entry
+    mags = _multicoil_h5(path, sigma=sigma)
+    out = tmp_path / "mc"
+    code, _, err = recon(prior, path, out, "--solver", "dds", "--steps", 3, "--slice", 1, "--accel", 3,
+                         "--center-fraction", 0.25, "--noise", 0.05, "--coils", 8, "--compare", "zero-filled")
+    assert code == 0, err
+    assert (out / "recon.nii.gz").is_file() and (out / "report.html").is_file()
+    rec = metrics_of(out)
+    problem = rec["problem"]
+    assert problem["coils"] == 4 and rec["nfe"] == 3
+    assert problem["noise_sigma_kspace_units"] == pytest.approx(sigma, rel=0.25)
+    assert problem["noise_sigma"] > 0
+    assert problem["ignored_options"] == ["--noise", "--coils"]
+    notes = " ".join(rec["notes"])
+    assert "slice 1 of 2" in notes and "noise std" in notes and "--noise and --coils ignored" in notes, notes
+    assert "noise std" in (out / "report.html").read_text()
+    r, _ = read_nifti(out / "recon.nii.gz")
+    assert r.shape == (SIZE, SIZE)
+    assert_same_units(r, mags[1])
+    assert "PSNR" in rows_by_method(rec)["dds"], "fully-sampled file: a reference exists"
+    # The solvers get the estimate, in the normalised units of y; the phase is calibrated on the whole
+    # band of fully-sampled centre columns (all rows).
+    task = prepare_mri(path, SIZE, 3, center_fraction=0.25, slice_index=1)
+    assert task.noise_sigma == pytest.approx(problem["noise_sigma"], rel=1e-6)
+    assert task.noise_sigma * task.scale == pytest.approx(problem["noise_sigma_kspace_units"], rel=1e-6)
+    rows, cols = calib_region(task.mask)
+    assert rows == SIZE and f"{rows}x{cols} fully-sampled centre" in notes
+    # Without the simulation options there is nothing to call ignored.
+    assert "ignored_options" not in task.info and not any("ignored" in n for n in task.notes)
+
+
 def _single_coil_npz(path: Path, mask: np.ndarray, undersample: bool) -> np.ndarray:
     from mediff.mri import fft2c
 
@@ -370,6 +439,13 @@ def _all_zero(tmp: Path) -> Path:
     return p
 
 
+def _nan_kspace_h5(tmp: Path) -> Path:
+    pytest.importorskip("h5py")
+    p = tmp / "nan.h5"
+    _multicoil_h5(p, nan=True)
+    return p
+
+
 def _h5_without_kspace(tmp: Path) -> Path:
     h5py = pytest.importorskip("h5py")
     p = tmp / "nok.h5"
@@ -380,6 +456,7 @@ def _h5_without_kspace(tmp: Path) -> Path:
 
 BAD_INPUTS = {
     "nan-kspace": (_nan_kspace, ("nan",)),
+    "nan-kspace-h5-multicoil": (_nan_kspace_h5, ("nan",)),
     "mask-shape-2d": (_shape_mismatch_2d, ("mask",)),
     "mask-shape-1d": (_shape_mismatch_1d, ("mask",)),
     "all-zero-kspace": (_all_zero, ("zero",)),

@@ -1,4 +1,5 @@
-"""MRI physics: centred FFTs, single-/multi-coil (SENSE) operators, coil maps, k-space simulation.
+"""MRI physics: centred FFTs, single-/multi-coil (SENSE) operators, coil maps, k-space simulation,
+noise-level estimation.
 
 Conventions
 -----------
@@ -30,6 +31,7 @@ __all__ = [
     "SingleCoilMRI",
     "check_kspace",
     "estimate_coil_maps",
+    "estimate_noise_sigma",
     "fft2c",
     "hann_calib_window",
     "ifft2c",
@@ -269,17 +271,29 @@ def simulate_kspace(
 # ----------------------------------------------------------------------------- coil-map estimation
 
 
-def hann_calib_window(shape: Sequence[int], calib: int, device: object = None, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Separable Hann window (H, W) on the centred calib x calib block around DC, zero elsewhere.
+def hann_calib_window(shape: Sequence[int], calib: int | Sequence[int], device: object = None,
+                      dtype: torch.dtype = torch.float64) -> Tensor:
+    """Separable window (H, W) on the centred calibration block around DC, zero elsewhere.
 
-    w(k) = (1 + cos(2 pi k / (calib + 1))) / 2 for offsets k from DC, so it peaks at DC and stays > 0
-    at the block edge; tapering suppresses Gibbs ringing in the low-resolution image.
+    ``calib`` is the block side, or its (rows, cols). Along an axis the block covers only partly the
+    window is a Hann taper w(k) = (1 + cos(2 pi k / (c + 1))) / 2 for offsets k from DC: it peaks at DC,
+    stays > 0 at the block edge and suppresses the Gibbs ringing that truncating the block would cause.
+    Along an axis the block covers entirely (c >= n: a 1D mask's centre columns hold every row) nothing
+    is truncated, so the window is 1 there and the low-resolution image keeps full resolution along it.
     """
     h, w = (int(s) for s in shape)
+    cal = (calib, calib) if np.isscalar(calib) else tuple(calib)
+    if len(cal) != 2:
+        raise MediffError(f"calib must be an int or (rows, cols), got {calib!r}")
     out = []
-    for n in (h, w):
-        c = min(int(calib), n)
+    for n, c in zip((h, w), cal):
+        c = int(c)
+        if c < 1:
+            raise MediffError(f"calibration size must be >= 1, got {calib!r}")
         k = torch.arange(n, dtype=torch.float64) - n // 2
+        if c >= n:
+            out.append(torch.ones_like(k))
+            continue
         inside = (k >= -(c // 2)) & (k < c - c // 2)
         out.append(torch.where(inside, 0.5 * (1 + torch.cos(2 * math.pi * k / (c + 1))), torch.zeros_like(k)))
     return (out[0][:, None] * out[1][None, :]).to(device=device, dtype=dtype)
@@ -398,13 +412,17 @@ def estimate_coil_maps(
 # ----------------------------------------------------------------------------- phase, validation
 
 
-def lowres_phase(kspace: Tensor, op_or_mask: object, calib: int = 24) -> Tensor:
-    """Unit-modulus phase (B, 1, H, W) of a low-resolution image from the Hann-windowed k-space centre.
+def lowres_phase(kspace: Tensor, op_or_mask: object, calib: int | Sequence[int] = 24) -> Tensor:
+    """Unit-modulus phase (B, 1, H, W) of a low-resolution image from the windowed k-space centre.
 
     Why: the diffusion priors model *magnitude* images, but MRI data are complex. Solvers reconstruct
     x = magnitude * phase with this fixed smooth phase estimate, so a real-valued prior sample can be
     pushed through A. kspace: (B, C, H, W). For C > 1 pass a MultiCoilMRI (the coil images are combined
     with its maps via A^H); a bare mask means single-coil. Where the low-res image is ~0 the phase is 1.
+
+    ``calib``: side of the fully-sampled centre, or its (rows, cols) (``recon.calib_region``). For a 1D
+    mask that is the whole band (H, centre columns): the window is then flat along the rows (see
+    :func:`hann_calib_window`) and the phase has full resolution along the fully-sampled direction.
     """
     op = op_or_mask if isinstance(op_or_mask, SingleCoilMRI) else SingleCoilMRI(op_or_mask)
     y = _as_complex(torch.as_tensor(kspace))
@@ -417,6 +435,69 @@ def lowres_phase(kspace: Tensor, op_or_mask: object, calib: int = 24) -> Tensor:
     mag = low.abs()
     eps = 1e-6 * mag.flatten(1).amax(1).view(-1, 1, 1, 1)
     return torch.where(mag > eps, low / mag.clamp_min(torch.finfo(mag.dtype).tiny), torch.ones_like(low))
+
+
+# ----------------------------------------------------------------------------- noise level
+
+# Normal consistency constant: std = MAD / Phi^-1(3/4) for Gaussian samples.
+_MAD_TO_STD = 1.0 / 0.6744897501960817
+
+
+def estimate_noise_sigma(kspace: Tensor | np.ndarray, mask: object, fraction: float = 0.1) -> float:
+    """Noise std per complex k-space entry (E|n|^2 = sigma^2, the convention of :func:`simulate_kspace`),
+    estimated from the sampled entries farthest from DC, where an MR image has ~no signal left.
+
+    kspace: (C, H, W) or (B, C, H, W) in centred layout; mask: (H, W) or (B, 1, H, W) (or a Mask).
+    The region is the outer ``fraction`` of the sampled entries by normalised radius
+    sqrt((ky / (H/2))^2 + (kx / (W/2))^2): the k-space corners for Cartesian masks, away from the
+    axes where the edges of a rectangular field of view put their streaks. Entries that are exactly
+    zero in every coil are not measurements (zero-padded readout, partial Fourier) and are skipped.
+    Per coil, the real and imaginary parts each give std = 1.4826 * MAD (median absolute deviation,
+    robust to the few strong entries that edges leave there); sigma_c^2 = std_re^2 + std_im^2 and the
+    result is sqrt(mean_c sigma_c^2), the RMS over coils.
+
+    What the object itself puts out there adds in quadrature: the estimate is an upper bound. Raw
+    scanner k-space is noise-dominated in its corners; an image with detail up to the grid's Nyquist
+    (a slice downsampled to 2 mm, sharp edges on a coarse grid) is not, and reads as noisier than it is.
+    Raises MediffError for NaN/inf or when fewer than 8 entries per coil fall in the region.
+    """
+    if not 0.0 < float(fraction) <= 1.0:
+        raise MediffError(f"fraction must be in (0, 1], got {fraction}")
+    k = _as_complex(torch.as_tensor(kspace)).detach().cpu().to(torch.complex128)
+    if k.dim() == 3:
+        k = k.unsqueeze(0)
+    if k.dim() != 4:
+        raise MediffError(f"k-space must have shape (C, H, W) or (B, C, H, W), got {tuple(k.shape)}")
+    b, c, h, w = k.shape
+    m = _mask_tensor(mask).cpu().to(torch.bool)
+    if tuple(m.shape[-2:]) != (h, w):
+        raise MediffError(f"k-space grid {(h, w)} does not match mask grid {tuple(m.shape[-2:])}")
+    m = m.reshape(-1, h, w)
+    if m.shape[0] not in (1, b):
+        raise MediffError(f"mask batch {m.shape[0]} does not match k-space batch {b}")
+    vals = torch.view_as_real(k)
+    if not bool(torch.isfinite(vals).all()):
+        raise MediffError("k-space contains NaN or inf")
+    measured = m.expand(b, h, w) & (k != 0).any(dim=1)  # (B, H, W)
+    ky = (torch.arange(h, dtype=torch.float64) - h // 2) / (h / 2)
+    kx = (torch.arange(w, dtype=torch.float64) - w // 2) / (w / 2)
+    rho = (ky[:, None] ** 2 + kx[None, :] ** 2).sqrt().expand(b, h, w)
+    if not bool(measured.any()):
+        raise MediffError("no sampled, non-zero k-space entries to estimate the noise from")
+    r = rho[measured]
+    # The outer ``fraction`` of the measured entries: the largest radii (ties at the cut are kept).
+    n_keep = max(1, int(math.ceil(float(fraction) * r.numel())))
+    cut = torch.topk(r, n_keep).values.min()
+    region = measured & (rho >= cut)
+    n = int(region.sum())
+    if n < 8:
+        raise MediffError(f"only {n} sampled k-space entries far from the centre: too few to estimate the noise")
+    sel = k.permute(1, 0, 2, 3)[:, region].numpy()  # (C, n)
+    var = np.zeros(c)
+    for part in (sel.real, sel.imag):
+        mad = np.median(np.abs(part - np.median(part, axis=1, keepdims=True)), axis=1)
+        var += (_MAD_TO_STD * mad) ** 2
+    return float(np.sqrt(var.mean()))
 
 
 def check_kspace(kspace: Tensor | np.ndarray, mask: object) -> None:

@@ -12,8 +12,13 @@ and ``mask``. Everything is solved in the prior's normalised units: the scale is
 percentile of the zero-filled magnitude, known from the data alone, and undone on output.
 
 Phase: the priors model magnitude images. The complex image is written x * phase with the phase of
-a low-resolution image from the fully-sampled k-space centre (``mri.lowres_phase``), so solvers work
-on a real x through ``PhaseModulated``. Classical baselines reconstruct the complex image directly.
+a low-resolution image from the fully-sampled k-space centre (``mri.lowres_phase`` on the whole
+``calib_region``: for 1D masks all rows of the centre columns, so the phase has full resolution along
+the rows), so solvers work on a real x through ``PhaseModulated``. Classical baselines reconstruct
+the complex image directly.
+
+Noise: simulated k-space knows its noise (``--noise``); for measured k-space the noise std per complex
+entry is estimated from the outer k-space (``mri.estimate_noise_sigma``) and handed to the solvers.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from torch import Tensor
 from mediff import baselines, io, metrics
 from mediff.errors import MediffError
 from mediff.masks import make_mask
-from mediff.mri import MultiCoilMRI, SingleCoilMRI, check_kspace, estimate_coil_maps, lowres_phase, simulate_coil_maps, \
-    simulate_kspace
+from mediff.mri import MultiCoilMRI, SingleCoilMRI, check_kspace, estimate_coil_maps, estimate_noise_sigma, lowres_phase, \
+    simulate_coil_maps, simulate_kspace
 from mediff.operators.base import CenterCrop, LinearOperator, PhaseModulated
 from mediff.solvers import SOLVERS, Problem, solve
 
@@ -164,7 +169,15 @@ def prepare_mri(path: Path, size: int, accel: float, mask_kind: str = "random1d"
     """Read ``path`` and build the MRI inverse problem (see module docstring)."""
     fmt = io.detect_format(path)
     if fmt == "hdf5" or (fmt == "npz" and "kspace" in np.load(path).files):
-        return _prepare_kspace(path, fmt, accel, mask_kind, center_fraction, seed, slice_index)
+        task = _prepare_kspace(path, fmt, accel, mask_kind, center_fraction, seed, slice_index)
+        # --noise and --coils simulate k-space from an image; measured k-space has its own coils and
+        # noise (estimated from the data), so they do not apply: say so rather than ignore them.
+        ignored = [name for name, given in (("--noise", noise != 0.0), ("--coils", coils != 1)) if given]
+        if ignored:
+            task.notes.append(f"{' and '.join(ignored)} ignored: they simulate k-space from an image; this file "
+                              f"holds measured k-space ({task.info['coils']} coil(s), noise estimated from the data)")
+            task.info["ignored_options"] = ignored
+        return task
     img = io.read_image(path)
     image, affine, note = _pick_slice(img, slice_index)
     if not np.isfinite(image).all():
@@ -197,9 +210,9 @@ def simulate_task(image: np.ndarray, accel: float, mask_kind: str = "random1d", 
     scale = _scale_of(op, k)
     ref = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None] / scale
     info = {"source": "simulated from image", "accel": m.accel, "mask": mask_kind, "center_fraction": center_fraction,
-            "coils": coils, "noise": noise}
-    return Task(op, k / scale, lowres_phase(k, op, min(region)), noise * ref_scale / scale, scale, ref, m.mask,
-                   lambda a: a, np.eye(4), notes, info)
+            "coils": coils, "noise": noise, "noise_sigma": noise * ref_scale / scale}
+    return Task(op, k / scale, lowres_phase(k, op, region), noise * ref_scale / scale, scale, ref, m.mask,
+                lambda a: a, np.eye(4), notes, info)
 
 
 def _prepare_kspace(path: Path, fmt: str, accel: float, mask_kind: str, center_fraction: float, seed: int,
@@ -247,12 +260,22 @@ def _prepare_kspace(path: Path, fmt: str, accel: float, mask_kind: str, center_f
         notes.append(f"{c}-coil data; sensitivities estimated by ESPIRiT from a {region[0]}x{region[1]} calibration region")
     # A reference exists only when the file holds fully-sampled k-space (retrospective undersampling).
     ref = _rss_from_full(full) if bool(np.all(np.abs(ksp).sum(axis=(0, 1)) > 0)) else None
-    notes.append("real k-space data; phase from the low-resolution calibration image")
+    notes.append(f"real k-space data; phase from the low-resolution image of the {region[0]}x{region[1]} "
+                 f"fully-sampled centre")
     # The prior needs a grid divisible by 16: embed the image in a padded grid and crop inside A.
     mult = 16
     ph, pw = -(-h // mult) * mult, -(-w // mult) * mult
-    phase = lowres_phase(y, op, min(region))
+    phase = lowres_phase(y, op, region)
     scale = _scale_of(op, y)
+    # Measured data carry their own noise: estimated from the outer k-space (file units), then put in
+    # the normalised units of y, as the solvers' likelihood needs.
+    try:
+        sigma_file = estimate_noise_sigma(y, mask)
+        notes.append(f"noise std {sigma_file:.4g} per complex k-space entry (normalised {sigma_file / scale:.4g}), "
+                     f"estimated from the outer 10% of the sampled k-space (MAD)")
+    except MediffError as exc:
+        sigma_file = 0.0
+        notes.append(f"noise not estimated ({exc}); solvers assume noiseless data")
     if (ph, pw) != (h, w):
         crop = CenterCrop((ph, pw), (h, w))
         op = op @ crop
@@ -266,9 +289,11 @@ def _prepare_kspace(path: Path, fmt: str, accel: float, mask_kind: str, center_f
         top, left = (ph - h) // 2, (pw - w) // 2
         return a[top: top + h, left: left + w]
 
-    info = {"source": "k-space file", "accel": float(mask.size / mask.sum()), "coils": c}
-    return Task(op, y / scale, phase, 0.0, scale, None if ref is None else ref / scale, mask, back, np.eye(4),
-                   notes, info)
+    info = {"source": "k-space file", "accel": float(mask.size / mask.sum()), "coils": c,
+            "noise_sigma": sigma_file / scale, "noise_sigma_kspace_units": sigma_file,
+            "noise_estimate": "MAD of the outer 10% of sampled k-space, RMS over coils"}
+    return Task(op, y / scale, phase, sigma_file / scale, scale, None if ref is None else ref / scale, mask, back,
+                np.eye(4), notes, info)
 
 
 def coil_maps(kspace: Tensor, region: tuple[int, int]) -> Tensor:
