@@ -99,6 +99,22 @@ def test_parallel_adjoint_float64(n, angles, n_det, gen):
     assert adjoint_check(op, x, gen) <= 1e-10
 
 
+
+def test_weighted_adjoint(gen):
+    """PWLS whitening W op: exact adjoint over the CT projector (float64) and a complex operator (complex128)."""
+    from mediff.operators import Matrix, Weighted
+
+    op = ParallelBeamCT(20, sparse_view_angles(12), pixel_size_mm=0.7)
+    w = torch.rand(1, 1, op.n_views, op.n_detectors, dtype=torch.float64, generator=gen) + 0.5
+    x = torch.randn(2, 1, 20, 20, dtype=torch.float64, generator=gen)
+    assert adjoint_check(Weighted(op, w), x, gen) <= 1e-10
+    m = torch.randn(7, 5, dtype=torch.complex128, generator=gen)
+    xc = torch.randn(3, 5, dtype=torch.complex128, generator=gen)
+    assert adjoint_check(Weighted(Matrix(m), torch.rand(7, dtype=torch.float64, generator=gen)), xc, gen) <= 1e-10
+    with pytest.raises(ValueError):
+        Weighted(op, w.to(torch.complex128))
+
+
 @pytest.mark.parametrize(
     "source, detector, n_det, spacing",
     [

@@ -280,3 +280,25 @@ def test_u_operator_has_unit_norm(views: int, limited: float | None) -> None:
     np.testing.assert_allclose(task.op.A(task.reference), task.y, rtol=1e-4, atol=1e-4 * float(task.y.abs().max()))
     if limited is None:
         assert score(task, run_solver(task, "fbp").mean)["PSNR"] > 25
+
+
+def test_low_dose_weights_whiten_the_poisson_noise() -> None:
+    """Low dose: bins through the body are noisier than bins through air (var ~ exp(p) / I0); the
+    task's weights make the whitened noise homoscedastic with std ``noise_sigma`` (PWLS)."""
+    from mediff.recon_ct import simulate_ct_task
+
+    hu = regions(N)[0]
+    hu = np.where(hu > -1000, hu + 1000.0, hu)  # twice water's attenuation: a wide range of line integrals
+    task = simulate_ct_task(hu, views=60, dose=1e4, seed=0, pixel_size_mm=PX)  # p up to ~3: no photon starvation
+    clean = task.op.A(task.reference.double()).float()
+    resid = (task.y - clean)[0, 0]
+    p = clean[0, 0]
+    lo, hi = p <= p.quantile(0.3), p >= p.quantile(0.9)  # through air (p = 0) and through the most tissue
+    raw = float(resid[hi].std() / resid[lo].std())
+    op, y = task.data()
+    white = (y - op.A(task.reference.double()).float())[0, 0]
+    assert raw > 1.5, raw  # heteroscedastic
+    assert 0.8 < float(white[hi].std() / white[lo].std()) < 1.25
+    assert abs(float(white.std()) / task.noise_sigma - 1) < 0.15
+    noiseless = simulate_ct_task(hu, views=60, pixel_size_mm=PX)
+    assert noiseless.weights is None and noiseless.data()[0] is noiseless.op

@@ -38,7 +38,7 @@ from mediff.errors import MediffError
 from mediff.masks import make_mask
 from mediff.mri import MultiCoilMRI, SingleCoilMRI, check_kspace, estimate_coil_maps, estimate_noise_sigma, lowres_phase, \
     simulate_coil_maps, simulate_kspace
-from mediff.operators.base import CenterCrop, LinearOperator, PhaseModulated
+from mediff.operators.base import CenterCrop, LinearOperator, PhaseModulated, Weighted
 from mediff.solvers import SOLVERS, Problem, solve
 
 BASELINES = ("zero-filled", "tv", "l1wavelet")  # MRI baselines
@@ -78,6 +78,14 @@ class Task:
     kind: str = "mri"  # "mri" | "ct"
     offset: float = 0.0  # input units at normalised 0 (CT: hu_min)
     window: tuple[float, float] | None = None  # metric window in input units (CT: (-1000, 1000) HU)
+    weights: Tensor | None = None  # like y: noise_sigma / std per entry (heteroscedastic data, CT low dose)
+
+    def data(self) -> tuple[LinearOperator, Tensor]:
+        """(op, y) of the likelihood the solvers use: whitened by ``weights`` when the noise varies per
+        entry (weighted least squares), the noise std then being ``noise_sigma`` everywhere."""
+        if self.weights is None:
+            return self.op, self.y
+        return Weighted(self.op, self.weights), self.weights * self.y
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -371,8 +379,9 @@ def _baseline(task: Task, method: str, lam: float | None) -> Tensor:
 
         lam = DEFAULT_LAMBDA_CT[method] if lam is None else lam
         x0 = fbp(task.op, task.y)
-        s = float(baselines.op_norm(task.op, x0, 30)[0]) * 1.01
-        return baselines.tv_reconstruct(task.op, task.y, lam * s * s, iters=BASELINE_ITERS_CT, x0=x0, a_norm=s)
+        op, y = task.data()  # PWLS-TV for low dose
+        s = float(baselines.op_norm(op, x0, 30)[0]) * 1.01
+        return baselines.tv_reconstruct(op, y, lam * s * s, iters=BASELINE_ITERS_CT, x0=x0, a_norm=s)
     lam = DEFAULT_LAMBDA[method] if lam is None else lam
     fn = baselines.tv_reconstruct if method == "tv" else baselines.l1_wavelet_reconstruct
     return fn(task.op, task.y, lam, iters=BASELINE_ITERS)
@@ -391,9 +400,10 @@ def run_solver(task: Task, method: str, prior=None, steps: int = 50, seed: int =
                           f"{', '.join(dict.fromkeys([*SOLVERS, *BASELINES, *CT_BASELINES]))}")
     if prior is None:
         raise MediffError(f"solver {method} needs a prior (--model)")
-    op = task.op if task.phase is None else PhaseModulated(task.op, task.phase)
+    op, y = task.data()
+    op = op if task.phase is None else PhaseModulated(op, task.phase)
     k = samples
-    problem = Problem(op, task.y.expand(k, *task.y.shape[1:]), task.noise_sigma)
+    problem = Problem(op, y.expand(k, *y.shape[1:]), task.noise_sigma)
     gen = torch.Generator().manual_seed(seed)
     x, n = solve(prior, problem, (k, 1, *task.shape), method, steps=steps, sigma_data=prior.meta["sigma_data"],
                  sigma_min=prior.sigma_min, sigma_max=prior.sigma_max, generator=gen, callback=progress)

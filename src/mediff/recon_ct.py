@@ -26,8 +26,12 @@ task's operator is op = A / k with k = px sqrt(N V) (``ParallelBeamCT`` with pix
 sqrt(N V), ||op|| ~ 1) and y_u = (y - A(b 1)) / (a k) = op u; noise stds are divided by a k likewise.
 FBP is calibrated for any pixel size, so FBP of y_u is u; TV weights are relative to ||op||^2.
 
-Noise: for low dose, var(p) ~ exp(p) / I0 per bin (Poisson counts, delta method); the solvers get
-sqrt(mean over the sinogram) / (a k), in u units. Noiseless data: 0 (data consistency is enforced exactly).
+Noise: for low dose, var(p) ~ exp(p) / I0 per bin (Poisson counts, delta method, p the measured
+line integral): bins behind dense anatomy are far noisier than bins through air. The task carries
+the mean noise std s = sqrt(mean var) / (a k) in u units and per-bin weights w = s / std_bin
+(``Task.weights``); the diffusion solvers and TV solve the whitened problem (w op, w y), whose noise
+is homoscedastic with std s: penalised weighted least squares. FBP uses the unweighted data.
+Noiseless data: 0 and no weights (data consistency is enforced exactly).
 """
 
 from __future__ import annotations
@@ -100,9 +104,12 @@ def fit_hu(hu: np.ndarray, size: int, pixel_size_mm: float) -> tuple[np.ndarray,
     return work - 1000.0, back, pixel_size_mm * factor, note
 
 
-def _sinogram_noise(p: torch.Tensor, dose: float) -> float:
-    """Std of line integrals p at I0 = ``dose``: sqrt(mean exp(p) / I0) (Poisson, delta method)."""
-    return float(torch.sqrt(torch.exp(p.double()).mean() / dose))
+def _sinogram_noise(p: torch.Tensor, dose: float) -> tuple[float, torch.Tensor]:
+    """Noise of line integrals p at I0 = ``dose`` (Poisson, delta method var = exp(p) / I0): the mean
+    std sqrt(mean var) and the per-bin whitening weights sqrt(mean var / var) (float32, p's shape)."""
+    var = torch.exp(p.double()) / dose
+    mean = var.mean()
+    return float(mean.sqrt()), (mean / var).sqrt().float()
 
 
 def unit_operator(n: int, angles_deg: torch.Tensor, pixel_size_mm: float) -> tuple[ParallelBeamCT, float]:
@@ -143,7 +150,8 @@ def simulate_ct_task(hu: np.ndarray, views: int = DEFAULT_VIEWS, limited_angle: 
     gen = torch.Generator().manual_seed(seed) if dose is not None else None
     y = simulate_sinogram(mu * k, op, dose, generator=gen)  # A mu = op (k mu): physical line integrals
     a, _ = u_coefficients(hu_min, hu_max)
-    noise = 0.0 if dose is None else _sinogram_noise(y, dose) / (a * k)
+    noise, weights = (0.0, None) if dose is None else _sinogram_noise(y, dose)
+    noise /= a * k
     ref = torch.from_numpy(((hu - hu_min) / (hu_max - hu_min)).astype(np.float32))[None, None]
     notes = [f"parallel-beam sinogram simulated from the HU image: {int(views)} views over {span}"
              + ("" if dose is None else f", low dose I0 = {dose:g} photons/bin (Poisson, seed {seed})")]
@@ -152,7 +160,7 @@ def simulate_ct_task(hu: np.ndarray, views: int = DEFAULT_VIEWS, limited_angle: 
             "noise_sigma_u": noise}
     return Task(op, _u_data(y, op, k, hu_min, hu_max), None, noise, hu_max - hu_min, ref,
                 y[0, 0].float().numpy(), lambda x: x, np.eye(4), notes, info, kind="ct", offset=hu_min,
-                window=METRIC_WINDOW)
+                window=METRIC_WINDOW, weights=weights)
 
 
 def prepare_ct(path: Path, size: int | None, views: int | None = DEFAULT_VIEWS, limited_angle: float | None = None,
@@ -286,7 +294,7 @@ def _prepare_sinogram(path: Path, size: int | None, views: int | None, limited_a
     m = max(1, round(n * f))
     px_w = px * n / m
     op, k = unit_operator(size, torch.from_numpy(angles), px_w)
-    noise_p = 0.0 if dose is None else _sinogram_noise(torch.from_numpy(sino), dose)
+    noise_p = 0.0 if dose is None else _sinogram_noise(torch.from_numpy(sino), dose)[0]
     if (m, px_w) != (size, px) or op.n_detectors != n_det:
         # Object centre in the working grid (``_fit`` pads top/left by (size - m) // 2), in mm.
         off = ((size - m) // 2 + (m - 1) / 2.0 - (size - 1) / 2.0) * px_w
@@ -302,6 +310,7 @@ def _prepare_sinogram(path: Path, size: int | None, views: int | None, limited_a
     notes.append("noise from the counts model at I0 = {:g}".format(dose) if dose is not None else
                  "no --dose: the data are treated as noiseless")
     y = torch.from_numpy(sino).reshape(1, 1, *sino.shape[-2:])
+    weights = None if dose is None else _sinogram_noise(y, dose)[1]  # relative: rebinning scales all bins alike
     ref = None
     if "reference_hu" in d:
         r = np.asarray(d["reference_hu"], dtype=np.float64)
@@ -314,4 +323,5 @@ def _prepare_sinogram(path: Path, size: int | None, views: int | None, limited_a
             "angles": f"{angles.min():.4g}-{angles.max():.4g} deg",
             "dose_I0": dose, "pixel_size_mm": px_w, "grid": size, "hu_window": [hu_min, hu_max], "noise_sigma_u": noise}
     return Task(op, _u_data(y, op, k, hu_min, hu_max), None, noise, hu_max - hu_min, ref, y[0, 0].float().numpy(),
-                back, np.diag([px, px, 1.0, 1.0]), notes, info, kind="ct", offset=hu_min, window=METRIC_WINDOW)
+                back, np.diag([px, px, 1.0, 1.0]), notes, info, kind="ct", offset=hu_min, window=METRIC_WINDOW,
+                weights=weights)

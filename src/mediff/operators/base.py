@@ -120,6 +120,24 @@ class PhaseModulated(LinearOperator):
         return (self.phase.to(y.device).conj() * self.op.AH(y)).real
 
 
+class Weighted(LinearOperator):
+    """W op with W = diag(weights), real and fixed: y -> weights * op(x). Whitens heteroscedastic data
+    (penalised weighted least squares): with weights = s / std per entry the noise of weights * y has
+    std s everywhere, so every solver's homoscedastic likelihood is the weighted one."""
+
+    def __init__(self, op: LinearOperator, weights: Tensor) -> None:
+        if weights.is_complex():
+            raise ValueError("Weighted takes real weights")
+        self._set(op=op, weights=weights.clone())
+
+    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+        y = self.op.A(x)
+        return self.weights.to(device=y.device, dtype=y.real.dtype) * y
+
+    def AH(self, y: Tensor) -> Tensor:  # noqa: N802
+        return self.op.AH(self.weights.to(device=y.device, dtype=y.real.dtype) * y)
+
+
 class CenterCrop(LinearOperator):
     """(…, H, W) -> centred (…, h, w) crop; its adjoint zero-pads. Lets a prior run on a grid of
     network-friendly size while the data live on the scanner's grid: A' = A @ CenterCrop."""
