@@ -36,3 +36,12 @@ def ixi_dir(shared_data: Path) -> Path:
     if not d.is_dir():
         pytest.skip(f"IXI data not found at {d}")
     return d
+
+
+@pytest.fixture
+def ct_dir(shared_data: Path) -> Path:
+    """TCGA-LUAD CT folder (ct_hu_512.npz: 77 slices in HU, 42 patients); skips when absent."""
+    d = shared_data / "ct_tcga"
+    if not (d / "ct_hu_512.npz").is_file():
+        pytest.skip(f"CT data not found at {d}")
+    return d

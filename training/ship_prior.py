@@ -75,8 +75,12 @@ def benchmark_lines(name: str, run: Path, meta: dict) -> list[str]:
         lines += ["| " + " | ".join([r["candidate"]] + [f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k])
                                                          for k in keys]) + " |" for r in rows]
         cands = ",".join(f"{k}={v}" for k, v in d["meta"]["candidates"].items())
-        return lines + ["", f"`python benchmarks/ct_prior.py --candidates {cands}` (denoising PSNR in u units, data "
-                            "range 1; reconstruction PSNR in the HU window [-1000, 1000]; FBP has no prior).", ""]
+        solvers = ",".join(k.split("_")[0] for k in keys if k.endswith("v_PSNR") and not k.startswith("fbp"))
+        return lines + ["", f"`python benchmarks/ct_prior.py --solvers {solvers} --candidates {cands}` (denoising PSNR "
+                            "in u units, data range 1; reconstruction PSNR in the HU window [-1000, 1000]; FBP has no "
+                            "prior). Shipped: the candidate with the higher DDS PSNR (the CLI's default solver), "
+                            "denoising PSNR breaking ties. Samples of both (`mediff sample --n 8 --steps 24 --seed 0`): "
+                            "`docs/ct-samples-whole.png`, `docs/ct-samples-patch.png`.", ""]
     den = res / "denoise.json"
     if name != "ct" and den.exists():
         d = json.loads(den.read_text())
