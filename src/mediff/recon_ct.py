@@ -154,7 +154,8 @@ def simulate_ct_task(hu: np.ndarray, views: int = DEFAULT_VIEWS, limited_angle: 
     noise /= a * k
     ref = torch.from_numpy(((hu - hu_min) / (hu_max - hu_min)).astype(np.float32))[None, None]
     notes = [f"parallel-beam sinogram simulated from the HU image: {int(views)} views over {span}"
-             + ("" if dose is None else f", low dose I0 = {dose:g} photons/bin (Poisson, seed {seed})")]
+             + ("" if dose is None else f", low dose I0 = {dose:g} photons/bin (Poisson, seed {seed}); diffusion "
+                "solvers and TV weight each bin by its inverse noise std (penalised weighted least squares)")]
     info = {"source": "simulated from image", "views": int(views), "angles": span, "dose_I0": dose,
             "pixel_size_mm": float(pixel_size_mm), "grid": hu.shape[0], "hu_window": [hu_min, hu_max],
             "noise_sigma_u": noise}
