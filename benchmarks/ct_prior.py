@@ -48,8 +48,7 @@ def main() -> None:
     for name, prior in priors.items():
         hu_range = hu_window(prior.meta["normalization"], prior.name)
         size = prior.image_size
-        clean = torch.stack([torch.from_numpy((fit_hu(hu, size, px)[0] - hu_range[0]) / (hu_range[1] - hu_range[0]))
-                             for _, hu, px in slices]).float().clamp_min(0)[:, None]
+        clean = torch.stack([prior.normalize(fit_hu(hu, size, px)[0])[0] for _, hu, px in slices]).clamp_min(0)[:, None]
         gen = torch.Generator().manual_seed(0)
         row: dict = {"candidate": name, "step": prior.meta["step"], "images_seen": prior.meta["images_seen"]}
         for s in SIGMAS:

@@ -65,7 +65,7 @@ def benchmark_lines(name: str, run: Path, meta: dict) -> list[str]:
     res = ROOT / "benchmarks" / "results"
     if name == "ct" and (res / "ct_prior.json").exists():
         d = json.loads((res / "ct_prior.json").read_text())
-        rows = [r for r in d["rows"]]
+        rows = d["rows"]
         if not any(r["step"] == meta["step"] and d["meta"]["candidates"].get(r["candidate"], "").startswith(
                 f"training/{run.name}/") for r in rows):
             return []
