@@ -31,19 +31,22 @@ def _marginal(shape, sigma_max: float, seed: int) -> torch.Tensor:
     return MU + math.sqrt(S**2 + sigma_max**2) * torch.randn(shape, generator=g, dtype=torch.float64)
 
 
-def _ddpm_variance(sigmas: torch.Tensor) -> float:
-    """Exact output variance of the DDPM plug-in posterior sampler on the Gaussian prior.
+def _ddim_variance(sigmas: torch.Tensor, eta: float = 1.0) -> float:
+    """Exact output variance of DDIM with noise renewal ``eta`` (1 = the DDPM plug-in posterior
+    sampler) on the Gaussian prior, started from the exact marginal.
 
-    Derived independently of the sampler: with c = S^2/(S^2+s^2) the oracle is D - MU = c (x - MU),
-    the VE posterior q(x_s' | x_s, x0) = N(x0 + r^2 (x_s - x0), s'^2 (1 - r^2)), r = s'/s, so
-    x' - MU = (c + r^2 (1 - c)) (x - MU) + noise and Var' = (c + r^2 (1-c))^2 Var + s'^2 (1 - r^2).
-    It underestimates S^2 because the plug-in x0 = E[x0|x] drops the posterior spread of x0.
+    Derived independently of the sampler: with c = S^2/(S^2+s^2) the oracle is D - MU = c (x - MU);
+    DDIM draws x' = x0 + q (x - x0) + n z with n^2 = eta^2 s'^2 (1 - r^2), q = sqrt(s'^2 - n^2) / s,
+    r = s'/s (eta = 1: q = r^2, the VE posterior q(x_s' | x_s, x0)), so x' - MU = (c + q (1 - c)) (x - MU)
+    + noise and Var' = (c + q (1-c))^2 Var + n^2. For eta > 0 it underestimates S^2 because the
+    plug-in x0 = E[x0|x] drops the posterior spread of x0.
     """
     sig = sigmas.tolist()
     v = S**2 + sig[0] ** 2
     for s, s_next in zip(sig[:-1], sig[1:]):
         c, r = S**2 / (S**2 + s**2), s_next / s
-        v = (c + r**2 * (1 - c)) ** 2 * v + s_next**2 * (1 - r**2)
+        n2 = eta**2 * s_next**2 * (1 - r**2)
+        v = (c + math.sqrt(s_next**2 - n2) / s * (1 - c)) ** 2 * v + n2
     return v
 
 
@@ -52,7 +55,7 @@ def _ddpm_variance(sigmas: torch.Tensor) -> float:
 # - deterministic samplers are affine maps x -> MU + g (x - MU) on this prior, so their exact output
 #   variance is g^2 (S^2 + smax^2) with g measured on one input: Euler(512) -0.85 %,
 #   Heun(64) +0.43 %, DPM-Solver++(2M)(64) +0.44 %.
-# - DDPM(512): the recursion in _ddpm_variance gives -1.81 % (first order in the step count).
+# - DDPM(512): the recursion in _ddim_variance gives -1.81 % (first order in the step count).
 # - PC(128): the corrector is unadjusted Langevin with per-item step eps = 2 (snr |z|/|score|)^2,
 #   eps/v ~ 2 snr^2 on a Gaussian of variance v. Its stationary variance is about
 #   v (d+2)/d / (1 - snr^2 (d+2)/d), i.e. +3.4 % at d = 256, snr = 0.16, plus a further O(1/d) from
@@ -92,13 +95,31 @@ def test_gaussian_oracle_mean_and_variance(name):
         assert abs(exact_var - S**2) <= tol * S**2
         assert torch.allclose(out, MU + g * (x0 - MU), rtol=0, atol=1e-9)  # affine, same gain for all
     elif name == "ddpm":
-        exact_var = _ddpm_variance(sigmas)
+        exact_var = _ddim_variance(sigmas)
         assert abs(exact_var - S**2) <= tol * S**2
         # Tight check against the scheme's own exact variance: catches small errors in the noise std.
         assert abs(v - exact_var) <= clt_var
 
     assert abs(m - MU) <= 5 * S / math.sqrt(n), (m, MU)
     assert abs(v - S**2) <= clt_var + tol * S**2, (v, S**2, clt_var, tol)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_ddim_eta_follows_its_exact_variance(eta):
+    """DDIM with noise renewal: the output variance is the scheme's exact one (within 5 SE), which
+    lies between the flow's (eta 0) and DDPM's (eta 1); eta = 1 is the DDPM step, draw for draw."""
+    steps, smax = 64, 20.0
+    sigmas = karras(steps, SMIN, smax)
+    x0 = _marginal((4096, 16), smax, seed=7)
+    out = SAMPLERS["ddim"](ORACLE, x0, sigmas, generator=torch.Generator().manual_seed(3), eta=eta)
+    n = out.numel()
+    exact = _ddim_variance(sigmas, eta)
+    assert abs(out.var().item() - exact) <= 5 * exact * math.sqrt(2 / (n - 1))
+    assert abs(out.mean().item() - MU) <= 5 * S / math.sqrt(n)
+    assert _ddim_variance(sigmas, 1.0) <= exact < _ddim_variance(sigmas, 0.0)
+    if eta == 1.0:
+        ddpm = SAMPLERS["ddpm"](ORACLE, x0, sigmas, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(out, ddpm, rtol=0, atol=1e-12)
 
 
 def _flow_reference(x: torch.Tensor, smax: float) -> torch.Tensor:
@@ -153,7 +174,7 @@ def test_sample_entry_point():
     out = sample(ORACLE, (4, 3), sigmas, "ddpm", generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     assert torch.equal(torch.get_rng_state(), state)
     g = torch.Generator().manual_seed(11)
-    x = torch.randn((4, 3), generator=g, dtype=torch.float64) * 20.0
+    x = torch.randn((4, 3), generator=g, dtype=torch.float64) * float(sigmas[0])
     assert torch.equal(out, SAMPLERS["ddpm"](ORACLE, x, sigmas, generator=g))
     with pytest.raises(ValueError, match="unknown sampler"):
         sample(ORACLE, (4, 3), sigmas, "nope")

@@ -40,13 +40,16 @@ SY = 0.1
 N_DIM, N_MEAS, N_ITEMS = 8, 4, 4096
 SMIN, SMAX = 1e-3, 20.0
 ORACLE = GaussianDenoiser(MU, S)
-# Sampler behind each solver (ddim = Euler on the probability-flow ODE, ddpm = ancestral).
-SCHEME = {"dds": "ddim", "ddnm": "ddpm", "dps": "ddpm", "mcg": "ddpm", "langevin": "pc"}
+# Scheme behind each solver: DDIM's eta (0 = Euler on the probability-flow ODE, 1 = ancestral
+# DDPM), or predictor-corrector.
+SCHEME = {"dds": 1.0, "ddnm": 1.0, "dps": 1.0, "mcg": 1.0, "langevin": "pc"}
 
 
 def test_scheme_table_matches_solvers():
     assert set(SCHEME) == set(SOLVERS)
-    assert all(SOLVERS[k].sampler in (v, "euler" if v == "ddim" else v) for k, v in SCHEME.items())
+    for name, spec in SOLVERS.items():
+        eta = {"ddpm": 1.0, "pc": "pc"}.get(spec.sampler, spec.eta if spec.eta is not None else 0.0)
+        assert eta == SCHEME[name], name
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -79,15 +82,16 @@ def run(solver: str, A: torch.Tensor, y: torch.Tensor, sy: float, steps: int, n_
                  sigma_max=SMAX, generator=torch.Generator().manual_seed(seed), dtype=DT)
 
 
-def sampler_moments(mean: torch.Tensor, C: torch.Tensor, sigmas: torch.Tensor, scheme: str):
-    """Exact output mean and covariance of ``scheme`` driven by the exact denoiser of N(mean, C),
-    started (as ``solve`` does) from x ~ N(0, sigma_0^2 I).
+def sampler_moments(mean: torch.Tensor, C: torch.Tensor, sigmas: torch.Tensor, scheme: str | float):
+    """Exact output mean and covariance of ``scheme`` ("ddim" = eta 0, "ddpm" = eta 1, or DDIM's eta)
+    driven by the exact denoiser of N(mean, C), started (as ``solve`` does) from x ~ N(0, sigma_0^2 I).
 
     In C's eigenbasis each coordinate is a 1-D Gaussian of variance lam; with c = lam/(lam + s^2) the
-    denoiser is D - m = c (x - m), so per step (r = s'/s):
-      ddim: x' = D + r (x - D)               -> x' - m = a (x - m), a = c + r (1 - c)
-      ddpm: x' = D + r^2 (x - D) + s' sqrt(1 - r^2) z -> a = c + r^2 (1 - c), Var' = a^2 Var + s'^2 (1 - r^2)
+    denoiser is D - m = c (x - m), so per step (r = s'/s, n = eta s' sqrt(1 - r^2), q = sqrt(s'^2 - n^2) / s):
+      x' = D + q (x - D) + n z  -> x' - m = a (x - m), a = c + q (1 - c), Var' = a^2 Var + n^2
+    (eta 0: q = r, n = 0; eta 1: q = r^2, n^2 = s'^2 (1 - r^2)).
     """
+    eta = {"ddim": 0.0, "ddpm": 1.0}.get(scheme, scheme)
     lam, V = torch.linalg.eigh(C)
     lam = lam.clamp_min(0)
     sig = sigmas.tolist()
@@ -95,8 +99,9 @@ def sampler_moments(mean: torch.Tensor, C: torch.Tensor, sigmas: torch.Tensor, s
     v = torch.full_like(lam, sig[0] ** 2)
     for s, s_next in zip(sig[:-1], sig[1:]):
         c, r = lam / (lam + s**2), s_next / s
-        a = c + (r if scheme == "ddim" else r**2) * (1 - c)
-        e, v = a * e, a**2 * v + (0.0 if scheme == "ddim" else s_next**2 * (1 - r**2))
+        n2 = eta**2 * s_next**2 * (1 - r**2)
+        a = c + math.sqrt(max(s_next**2 - n2, 0.0)) / s * (1 - c)
+        e, v = a * e, a**2 * v + n2
     return mean + V @ e, V @ torch.diag(v) @ V.T
 
 
@@ -224,8 +229,9 @@ def test_pigdm_guided_denoiser_is_the_exact_posterior_denoiser(kind):
 # Discretisation tolerance on the variance at 200 steps: the scheme's exact output variance
 # (``sampler_moments``) is -5.9 % (ddpm) / -2.8 % (ddim) off for the measured coordinates (posterior
 # var 0.0096) and -4.7 % / -2.3 % for the unmeasured ones (0.25); 0.07 bounds both. At 40 steps ddpm
-# is -25 %. Measured on N = 4096 samples vs the posterior: dds max mean error 0.05 std, max variance
-# error 7 %; dps/ddnm 0.04 std, 6.6 % (the statistical 5-SE band on one variance alone is 11 %).
+# is -25 %. Measured on N = 4096 samples vs the posterior: dds/dps/ddnm max mean error 0.04 std, max
+# variance error 6.6 % (the statistical 5-SE band on one variance alone is 11 %); dds (DDIM with eta = 1,
+# CG exact here) draws the same samples as ddnm.
 @pytest.mark.parametrize("solver", ["dds", "dps", "ddnm"])
 def test_selection_noisy_posterior(solver):
     A, y, mean, C = make_problem("select", SY)
@@ -410,11 +416,11 @@ def test_mcg_noisy_follows_its_kalman_scheme(kind):
 
 # --------------------------------------------------------------------- 3. dense A, A A^T != I
 
-# dds: 5 CG iterations are exact here (A^T A + lam I has 5 distinct eigenvalues); ddnm and dps: 50
+# dds: 10 CG iterations are exact here (A^T A + lam I has 5 distinct eigenvalues); ddnm and dps: 50
 # iterations. dps's guided denoiser is the exact posterior denoiser for any A (section 0), so it runs
-# the same ancestral scheme as ddnm. Scheme's exact variance bias at 200 steps: ddim -2.4 %, ddpm -4.9 %.
-# Measured vs the posterior (N = 4096, 200 steps): max mean error dds 0.017 std, ddnm and dps 0.027 std;
-# max variance error dds 5.2 %, ddnm and dps 8.7 % (bound: 5 SE 11 % + 7 %). Before PiGDM, DPS's
+# the same ancestral scheme as ddnm, and so does dds (eta = 1). Scheme's exact variance bias at 200
+# steps: ddpm -4.9 %. Measured vs the posterior (N = 4096, 200 steps): max mean error 0.027 std, max
+# variance error 8.7 % for all three (bound: 5 SE 11 % + 7 %). Before PiGDM, DPS's
 # r^2 / (r^2 + SY^2) A^T (y - A D) step was 0.44 posterior std off here; the prior mean is 2.2 std off.
 @pytest.mark.parametrize("solver", ["dds", "ddnm", "dps"])
 def test_dense_guidance_is_exact(solver):
@@ -465,19 +471,19 @@ def _real_linear_posterior(op, y, sy):
     return C @ (torch.full((n,), MU / S**2, dtype=DT) + At.T @ yt / v), C
 
 
-# The posterior is exact here only if CG converges; DDS runs 5 CG iterations on a spread spectrum
+# The posterior is exact here only if CG converges; DDS runs 10 CG iterations on a spread spectrum
 # (the real-linear normal operator has eigenvalues from 1e-10 to 1) but lam = sy^2 / (2 r^2) >= 0.5
-# keeps the system well conditioned, so the samples follow the Euler scheme on N(m, C) (its exact
-# moments by ``sampler_moments``; mean variance ratio to C 0.908 at 50 steps).
-# Measured vs the scheme (N = 256, sampler seeds 1/2/3): max |mean error| 0.19 / 0.18 / 0.20 scheme std
-# (5 SE = 0.31), mean variance ratio 0.996 / 0.985 / 1.004. Before the fix in solvers._noise_var
+# keeps the system well conditioned, so the samples follow DDS's scheme (DDIM, eta = 1) on N(m, C)
+# (its exact moments by ``sampler_moments``; mean variance ratio to C 0.822 at 50 steps).
+# Measured vs the scheme (N = 256, sampler seeds 1/2/3): max |mean error| 0.18 / 0.20 / 0.16 scheme std
+# (5 SE = 0.31), mean variance ratio 0.998 / 1.000 / 0.995. Before the fix in solvers._noise_var
 # (complex noise taken as sy^2 per real component instead of sy^2 / 2) the mean error was 0.84
 # posterior std and the variance ratio ~0.83 of the scheme's.
 def test_mri_phase_modulated_dds_matches_real_linear_posterior():
     sy, n_items, steps = 0.5, 256, 50
     op, y, _ = _mri_problem(sy)
     mean, C = _real_linear_posterior(op, y, sy)
-    em, ec = sampler_moments(mean, C, karras(steps, SMIN, SMAX), "ddim")
+    em, ec = sampler_moments(mean, C, karras(steps, SMIN, SMAX), SCHEME["dds"])
     assert ((em - mean).abs() / C.diag().sqrt()).max() < 0.06  # init offset, as in check_moments
     prob = Problem(op, y.expand(n_items, -1, -1, -1), sy)
     x, _ = solve(ORACLE, prob, (n_items, 1, H, H), "dds", steps=steps, sigma_data=S, sigma_min=SMIN,

@@ -32,14 +32,21 @@ def _finish(x: Tensor, sigma: Tensor, project: Project | None) -> Tensor:
     return project(x, float(sigma)) if project is not None else x
 
 
-def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
-                 project: Project | None = None, callback: Callback | None = None) -> Tensor:
-    """Euler on the probability-flow ODE dx/dsigma = (x - D)/sigma: deterministic DDIM
-    (Song et al. 2021, arXiv 2010.02502) in the form of Karras et al. 2022 (EDM), Sec. 3."""
+def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
+                project: Project | None = None, callback: Callback | None = None, eta: float = 0.0) -> Tensor:
+    """DDIM (Song et al. 2021, arXiv 2010.02502, Eq. 12) in VE form: x_next = D + sqrt(s_next^2 - c^2)
+    (x - D) / s + c z with c = eta s_next sqrt(1 - (s_next / s)^2). eta = 0 is Euler on the
+    probability-flow ODE dx/dsigma = (x - D) / sigma (Karras et al. 2022, EDM, Sec. 3); eta = 1 is
+    the ancestral DDPM step (``sample_ddpm``); in between, part of the noise is renewed each step."""
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = _denoise(denoiser, x, s)
-        x = _finish(d + (s_next / s) * (x - d), s_next, project)
+        if eta == 0:
+            x = d + (s_next / s) * (x - d)
+        else:
+            c = eta * s_next * (1 - (s_next / s) ** 2).clamp_min(0).sqrt()
+            x = d + (s_next**2 - c**2).clamp_min(0).sqrt() / s * (x - d) + c * _noise(x, generator)
+        x = _finish(x, s_next, project)
         if callback:
             callback(i, x, d)
     return x
@@ -66,16 +73,9 @@ def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: tor
 def sample_ddpm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
                 project: Project | None = None, callback: Callback | None = None) -> Tensor:
     """Ancestral sampling, the DDPM posterior step (Ho et al. 2020) in VE form: x_next is drawn from
-    q(x_next | x, x0 = D) = N(D + (s_next/s)^2 (x - D), s_next^2 (s^2 - s_next^2) / s^2)."""
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        d = _denoise(denoiser, x, s)
-        std = s_next * (1 - (s_next / s) ** 2).clamp_min(0).sqrt()
-        x = d + (s_next / s) ** 2 * (x - d) + std * _noise(x, generator)
-        x = _finish(x, s_next, project)
-        if callback:
-            callback(i, x, d)
-    return x
+    q(x_next | x, x0 = D) = N(D + (s_next/s)^2 (x - D), s_next^2 (s^2 - s_next^2) / s^2), i.e. DDIM
+    with eta = 1."""
+    return sample_ddim(denoiser, x, sigmas, generator=generator, project=project, callback=callback, eta=1.0)
 
 
 def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
@@ -125,8 +125,8 @@ def sample_pc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "euler": sample_euler,
-    "ddim": sample_euler,
+    "euler": sample_ddim,
+    "ddim": sample_ddim,
     "heun": sample_heun,
     "ddpm": sample_ddpm,
     "dpmpp2m": sample_dpmpp_2m,
