@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mediff.errors import MediffError
 from mediff.masks import Mask
-from mediff.operators.base import LinearOperator
+from mediff.operators.base import LinearOperator, conjugate_gradient
 
 __all__ = [
     "MultiCoilMRI",
@@ -498,6 +498,30 @@ def estimate_noise_sigma(kspace: Tensor | np.ndarray, mask: object, fraction: fl
         mad = np.median(np.abs(part - np.median(part, axis=1, keepdims=True)), axis=1)
         var += (_MAD_TO_STD * mad) ** 2
     return float(np.sqrt(var.mean()))
+
+
+def sense_residual_sigma(op: MultiCoilMRI, kspace: Tensor, iters: int = 100) -> float:
+    """Std per sampled complex entry of what the SENSE model ``op`` cannot explain in ``kspace``
+    (1, C, H, W): the residual of the least-squares fit x_ls = argmin ||y - A x||, dof-corrected,
+    sigma^2 = ||y - A x_ls||^2 / (M - N), M the sampled entries over all coils, N the pixels inside
+    the maps' support. Returns 0.0 when M <= N (as many unknowns as data: nothing is left over).
+
+    Why: coil maps are estimated, so no image fits multi-coil data exactly even without noise (the
+    maps' support, edges and phase miss). Solvers that enforce the data to convergence (DDNM, and
+    DPS/MCG's exact guidance) then fit the miss as image detail; this residual is what a likelihood
+    has to allow for, noise included (for a correct model it estimates the noise std itself).
+    x_ls by ``iters`` CG steps on A^H A x = A^H y in complex128.
+    """
+    y = _as_complex(torch.as_tensor(kspace)).to(torch.complex128)
+    if y.dim() != 4 or y.shape[0] != 1:
+        raise MediffError(f"k-space must have shape (1, C, H, W), got {tuple(y.shape)}")
+    maps = op.coil_maps
+    m = int(torch.broadcast_to(op.mask.bool(), y.shape).sum())
+    n = int((maps.abs().pow(2).sum(dim=1) > 0.5).sum())  # sum_c |S_c|^2 = 1 inside the support, 0 outside
+    if m <= n:
+        return 0.0
+    x = conjugate_gradient(op.normal, op.AH(y), torch.zeros(1, 1, *y.shape[-2:], dtype=y.dtype), iters)
+    return float(((y - op.A(x)).abs().pow(2).sum() / (m - n)).sqrt())
 
 
 def check_kspace(kspace: Tensor | np.ndarray, mask: object) -> None:

@@ -19,6 +19,9 @@ the complex image directly.
 
 Noise: simulated k-space knows its noise (``--noise``); for measured k-space the noise std per complex
 entry is estimated from the outer k-space (``mri.estimate_noise_sigma``) and handed to the solvers.
+Multi-coil data also carry the error of the estimated coil maps: the solvers' likelihood std is the
+larger of the noise std and the SENSE least-squares residual std (``mri.sense_residual_sigma``), so
+solvers that enforce the data to convergence do not fit the maps' miss as image detail.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from mediff import baselines, io, metrics
 from mediff.errors import MediffError
 from mediff.masks import make_mask
 from mediff.mri import MultiCoilMRI, SingleCoilMRI, check_kspace, estimate_coil_maps, estimate_noise_sigma, lowres_phase, \
-    simulate_coil_maps, simulate_kspace
+    sense_residual_sigma, simulate_coil_maps, simulate_kspace
 from mediff.operators.base import CenterCrop, LinearOperator, PhaseModulated, Weighted
 from mediff.solvers import SOLVERS, Problem, solve
 
@@ -219,8 +222,24 @@ def simulate_task(image: np.ndarray, accel: float, mask_kind: str = "random1d", 
     ref = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None] / scale
     info = {"source": "simulated from image", "accel": m.accel, "mask": mask_kind, "center_fraction": center_fraction,
             "coils": coils, "noise": noise, "noise_sigma": noise * ref_scale / scale}
-    return Task(op, k / scale, lowres_phase(k, op, region), noise * ref_scale / scale, scale, ref, m.mask,
-                lambda a: a, np.eye(4), notes, info)
+    sigma = _with_model_error(op, k, noise * ref_scale, scale, notes, info) / scale
+    return Task(op, k / scale, lowres_phase(k, op, region), sigma, scale, ref, m.mask, lambda a: a, np.eye(4), notes,
+                info)
+
+
+def _with_model_error(op: LinearOperator, y: Tensor, noise: float, scale: float, notes: list[str],
+                      info: dict) -> float:
+    """The likelihood std (units of y) for data y of ``op`` with noise std ``noise``: for multi-coil
+    data the larger of ``noise`` and the SENSE residual std (see the module docstring). ``scale``:
+    the normalised unit, for the notes; the residual goes into ``info`` in normalised units."""
+    if not isinstance(op, MultiCoilMRI):
+        return noise
+    resid = sense_residual_sigma(op, y)
+    info["sense_residual_sigma"] = resid / scale
+    if resid > noise:
+        notes.append(f"likelihood std {resid / scale:.3g} (normalised): the SENSE least-squares residual, above the "
+                     f"noise std {noise / scale:.3g}; it allows for the error of the estimated coil maps")
+    return max(noise, resid)
 
 
 def _prepare_kspace(path: Path, fmt: str, accel: float, mask_kind: str, center_fraction: float, seed: int,
@@ -284,6 +303,8 @@ def _prepare_kspace(path: Path, fmt: str, accel: float, mask_kind: str, center_f
     except MediffError as exc:
         sigma_file = 0.0
         notes.append(f"noise not estimated ({exc}); solvers assume noiseless data")
+    model_info: dict = {}
+    sigma_lik = _with_model_error(op, y, sigma_file, scale, notes, model_info)
     if (ph, pw) != (h, w):
         crop = CenterCrop((ph, pw), (h, w))
         op = op @ crop
@@ -299,8 +320,8 @@ def _prepare_kspace(path: Path, fmt: str, accel: float, mask_kind: str, center_f
 
     info = {"source": "k-space file", "accel": float(mask.size / mask.sum()), "coils": c,
             "noise_sigma": sigma_file / scale, "noise_sigma_kspace_units": sigma_file,
-            "noise_estimate": "MAD of the outer 10% of sampled k-space, RMS over coils"}
-    return Task(op, y / scale, phase, sigma_file / scale, scale, None if ref is None else ref / scale, mask, back,
+            "noise_estimate": "MAD of the outer 10% of sampled k-space, RMS over coils", **model_info}
+    return Task(op, y / scale, phase, sigma_lik / scale, scale, None if ref is None else ref / scale, mask, back,
                 np.eye(4), notes, info)
 
 
