@@ -86,6 +86,7 @@ def main() -> None:
     imgs, ids = heldout_slices(npz, eval_subj, args.n_slices)
     fwd = forward_seconds(prior)
     methods = [m for m in args.solvers.split(",") + args.baselines.split(",") if m]
+    samples = {m: 1 if m in BASELINES else args.samples for m in methods}  # baselines are deterministic
     rows = []
     for coils in (int(c) for c in args.coils.split(",")):
         for accel in (float(a) for a in args.accels.split(",")):
@@ -93,15 +94,13 @@ def main() -> None:
             for i, im in enumerate(imgs):
                 task = simulate_task(im, accel, seed=i, coils=coils)
                 for m in methods:
-                    r = run_solver(task, m, prior, args.steps, seed=i, samples=1 if m in BASELINES else args.samples,
-                                   lam=lams.get(m))
+                    r = run_solver(task, m, prior, args.steps, seed=i, samples=samples[m], lam=lams.get(m))
                     acc[m].append({**score(task, r.mean), "seconds": r.seconds, "NFE": r.nfe})
                 print(f"coils {coils} x{accel:g} slice {i + 1}/{len(imgs)}: " +
                       "  ".join(f"{m} {acc[m][-1]['PSNR']:.2f}" for m in methods), flush=True)
             for m in methods:
                 a = acc[m]
-                row = {"coils": coils, "accel": accel, "method": m, "samples": 1 if m in BASELINES else args.samples,
-                       "NFE": a[0]["NFE"],
+                row = {"coils": coils, "accel": accel, "method": m, "samples": samples[m], "NFE": a[0]["NFE"],
                        "PSNR": float(np.mean([r["PSNR"] for r in a])), "PSNR_sd": float(np.std([r["PSNR"] for r in a])),
                        "SSIM": float(np.mean([r["SSIM"] for r in a])), "NMSE": float(np.mean([r["NMSE"] for r in a])),
                        "s_per_slice": float(np.mean([r["seconds"] for r in a]))}

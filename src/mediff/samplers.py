@@ -41,7 +41,7 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: tor
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = _denoise(denoiser, x, s)
-        if eta == 0:
+        if eta == 0:  # the flow draws nothing: the generator stays untouched (deterministic samplers)
             x = d + (s_next / s) * (x - d)
         else:
             c = eta * s_next * (1 - (s_next / s) ** 2).clamp_min(0).sqrt()

@@ -9,9 +9,9 @@ computed in image space by conjugate gradients on (A^H A + lam I) z = A^H y + la
 started at D (``prox_data_consistency``; lam = 0 for noiseless y gives P = D + A^+ (y - A D)).
 
 - ``prox``: the guided denoiser is P. With a few CG iterations inside DDIM with noise renewal eta
-  this is DDS (Chung, Lee & Ye 2023, arXiv 2303.05754); iterated to convergence it is the null-space projection of DDNM (Wang, Yu &
-  Zhang 2022, arXiv 2212.00490), which keeps the range of A from the data and the null space from
-  the prior.
+  this is DDS (Chung, Lee & Ye 2023, arXiv 2303.05754); iterated to convergence it is the null-space
+  projection of DDNM (Wang, Yu & Zhang 2022, arXiv 2212.00490), which keeps the range of A from the
+  data and the null space from the prior.
 - ``grad``: D + zeta (sigma^2 / r^2) J^T (P - D), J the Jacobian of D(x, sigma) in x (one
   vector-Jacobian product by autograd). By the identity above this is Tweedie's formula
   D + sigma^2 grad_x log N(y; A D(x), r^2 A A^H + sy^2 I), the pseudoinverse-guided step of PiGDM
