@@ -25,7 +25,7 @@ from mediff.mri import (
     simulate_coil_maps,
     simulate_kspace,
 )
-from mediff.operators.base import adjoint_check, conjugate_gradient
+from mediff.operators.base import CenterCrop, PhaseModulated, adjoint_check, conjugate_gradient
 
 H, W, C = 32, 40, 4  # non-square on purpose: catches swapped axes
 
@@ -78,26 +78,43 @@ def test_fft2c_parseval_inverse_and_centring() -> None:
 # ----------------------------------------------------------------------------- operators
 
 
+# The normal operators skip the FFT shifts (a circulant commutes with them): odd sizes, where
+# fftshift and ifftshift differ, check that the shifted mask is the right one.
+@pytest.mark.parametrize("hw", [(H, W), (15, 21)])
 @pytest.mark.parametrize("batched_mask", [False, True])
-def test_single_coil_adjoint_and_normal(batched_mask: bool) -> None:
-    mask = _rand_mask((2, 1, H, W) if batched_mask else (H, W))
+def test_single_coil_adjoint_and_normal(batched_mask: bool, hw: tuple[int, int]) -> None:
+    mask = _rand_mask((2, 1, *hw) if batched_mask else hw)
     op = SingleCoilMRI(mask)
-    x = _cplx(2, 1, H, W)
+    x = _cplx(2, 1, *hw)
     assert adjoint_check(op, x, _gen(1)) <= 1e-10
     assert torch.allclose(op.normal(x), op.AH(op.A(x)), atol=1e-12)
     y = op.A(x)
-    assert y.shape == (2, 1, H, W)
-    assert (y[~mask.expand(2, 1, H, W)] == 0).all()  # unsampled entries exactly zero
+    assert y.shape == (2, 1, *hw)
+    assert (y[~mask.expand(2, 1, *hw)] == 0).all()  # unsampled entries exactly zero
 
 
+@pytest.mark.parametrize("hw", [(H, W), (15, 21)])
 @pytest.mark.parametrize("batched", [False, True])
-def test_multi_coil_adjoint_and_normal(batched: bool) -> None:
-    maps = _cplx(*((2, C, H, W) if batched else (C, H, W)), seed=3)
-    op = MultiCoilMRI(_rand_mask((H, W)).double(), maps)  # float 0/1 mask works too
-    x = _cplx(2, 1, H, W)
+def test_multi_coil_adjoint_and_normal(batched: bool, hw: tuple[int, int]) -> None:
+    maps = _cplx(*((2, C, *hw) if batched else (C, *hw)), seed=3)
+    op = MultiCoilMRI(_rand_mask(hw).double(), maps)  # float 0/1 mask works too
+    x = _cplx(2, 1, *hw)
     assert adjoint_check(op, x, _gen(2)) <= 1e-10
     assert torch.allclose(op.normal(x), op.AH(op.A(x)), atol=1e-12)
-    assert op.A(x).shape == (2, C, H, W) and op.AH(op.A(x)).shape == (2, 1, H, W)
+    assert op.A(x).shape == (2, C, *hw) and op.AH(op.A(x)).shape == (2, 1, *hw)
+
+
+def test_wrapped_operators_keep_the_fast_normal_exact() -> None:
+    """PhaseModulated and Composed (CenterCrop) forward ``normal`` to the wrapped operator's."""
+    phase = torch.exp(1j * torch.rand(1, 1, 15, 21, generator=_gen(4), dtype=torch.float64))
+    op = PhaseModulated(MultiCoilMRI(_rand_mask((15, 21)), _cplx(C, 15, 21, seed=5)), phase)
+    x = torch.randn(2, 1, 15, 21, dtype=torch.float64, generator=_gen(6))
+    assert adjoint_check(op, x, _gen(7)) <= 1e-10
+    assert torch.allclose(op.normal(x), op.AH(op.A(x)), atol=1e-12)
+    crop = SingleCoilMRI(_rand_mask((15, 21))) @ CenterCrop((20, 24), (15, 21))
+    xc = _cplx(2, 1, 20, 24, seed=8)
+    assert adjoint_check(crop, xc, _gen(9)) <= 1e-10
+    assert torch.allclose(crop.normal(xc), crop.AH(crop.A(xc)), atol=1e-12)
 
 
 def test_multi_coil_full_mask_is_identity() -> None:

@@ -59,6 +59,13 @@ def ifft2c(y: Tensor) -> Tensor:
     return torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(y, dim=_DIMS), dim=_DIMS, norm="ortho"), dim=_DIMS)
 
 
+def _masked_circulant(x: Tensor, mask_unshifted: Tensor) -> Tensor:
+    """F^H M F x with the centred FFTs of :func:`fft2c` but no shifts: F^H M F is a circular
+    convolution, which commutes with the circular shifts of fftshift/ifftshift, so with the mask
+    given in unshifted order (``ifftshift(M)``) the shifts cancel. Saves four rolls per CG iteration."""
+    return torch.fft.ifft2(torch.fft.fft2(x, dim=_DIMS, norm="ortho") * mask_unshifted, dim=_DIMS, norm="ortho")
+
+
 def _as_complex(x: Tensor) -> Tensor:
     """Promote real tensors to complex (float64 -> complex128, other real -> complex64)."""
     if x.is_complex():
@@ -123,16 +130,17 @@ class SingleCoilMRI(LinearOperator):
 
     def __init__(self, mask: object) -> None:
         m = _mask_tensor(mask)
-        self._set(_mask=_Cache(m), shape=tuple(int(s) for s in m.shape[-2:]), n_coils=1)
+        self._set(_mask=_Cache(m), _mask_unshifted=_Cache(torch.fft.ifftshift(m, dim=_DIMS)),
+                  shape=tuple(int(s) for s in m.shape[-2:]), n_coils=1)
 
     @property
     def mask(self) -> Tensor:
         """A copy of the stored mask, (H, W) or (B, 1, H, W)."""
         return self._mask.value.clone()
 
-    def _m(self, ref: Tensor) -> Tensor:
+    def _m(self, ref: Tensor, unshifted: bool = False) -> Tensor:
         # Mask as the real dtype matching ``ref`` so multiplication keeps exact zeros and the dtype.
-        return self._mask.get(ref.device, ref.real.dtype)
+        return (self._mask_unshifted if unshifted else self._mask).get(ref.device, ref.real.dtype)
 
     def _check(self, t: Tensor, channels: int, name: str) -> Tensor:
         t = _as_complex(t)
@@ -152,7 +160,7 @@ class SingleCoilMRI(LinearOperator):
 
     def normal(self, x: Tensor) -> Tensor:
         x = self._check(x, 1, "image")
-        return ifft2c(fft2c(x) * self._m(x))
+        return _masked_circulant(x, self._m(x, unshifted=True))
 
 
 class MultiCoilMRI(SingleCoilMRI):
@@ -197,7 +205,7 @@ class MultiCoilMRI(SingleCoilMRI):
         # One mask multiply and no validation of the intermediate k-space: this runs inside CG loops.
         x = self._check(x, 1, "image")
         s = self._s(x)
-        return (s.conj() * ifft2c(fft2c(s * x) * self._m(x))).sum(dim=1, keepdim=True)
+        return (s.conj() * _masked_circulant(s * x, self._m(x, unshifted=True))).sum(dim=1, keepdim=True)
 
 
 def _operator_for(mask: object, coil_maps: Tensor | np.ndarray | None) -> SingleCoilMRI:

@@ -64,6 +64,10 @@ class Composed(LinearOperator):
     def AH(self, y: Tensor) -> Tensor:  # noqa: N802
         return self.inner_op.AH(self.outer.AH(y))
 
+    def normal(self, x: Tensor) -> Tensor:
+        # inner^H (outer^H outer) inner: keeps the outer operator's fast normal.
+        return self.inner_op.AH(self.outer.normal(self.inner_op.A(x)))
+
 
 class Adjoint(LinearOperator):
     """The adjoint operator A^H as an operator in its own right."""
@@ -118,6 +122,10 @@ class PhaseModulated(LinearOperator):
 
     def AH(self, y: Tensor) -> Tensor:  # noqa: N802
         return (self.phase.to(y.device).conj() * self.op.AH(y)).real
+
+    def normal(self, x: Tensor) -> Tensor:
+        p = self.phase.to(x.device)
+        return (p.conj() * self.op.normal(p * x)).real
 
 
 class Weighted(LinearOperator):
