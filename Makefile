@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench-deps clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow
+
+# External reference of benchmarks/mri.py (--external deepinv-dps): deepinv without its declared
+# torchvision dependency (PyPI torchvision pulls a CUDA torch); benchmarks/deepinv_ref.py explains.
+bench-deps: setup
+	$(PY) -m pip install -q --no-deps deepinv==0.5.0 torchmetrics==1.9.0 lightning-utilities==0.15.3 \
+	  tqdm==4.70.1 natsort==8.4.0
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -10,6 +10,9 @@ with an 8 % fully-sampled centre, one mask seed per slice.
 
 ``--samples K``: every diffusion solver draws K posterior samples per slice (one batch) and is scored
 on their mean, the estimate ``mediff reconstruct --samples K`` writes (NFE stays per sample).
+
+``--external deepinv-dps``: deepinv's DPS with our prior wrapped (``deepinv_ref.py``; `make bench-deps`),
+its weight tuned like the baselines' (``--tune --external deepinv-dps``), ``--external-steps`` steps.
 """
 
 from __future__ import annotations
@@ -27,26 +30,50 @@ from mediff.prior import load_prior
 from mediff.recon import BASELINES, DEFAULT_LAMBDA, run_solver, score, simulate_task
 
 LAMBDA_GRID = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1)
+# deepinv's DPS weight multiplies the residual norm ||y - A D||; measured on 2 held-out slices (x4,
+# 100 steps) it climbs from 19.7 dB at its default 1 to a peak near 1000 and collapses by 3000.
+DEEPINV_WEIGHT_GRID = (100.0, 300.0, 1000.0, 2000.0)
+EXTERNAL = ("deepinv-dps",)
 
 
 def forward_seconds(prior, reps: int = 5) -> float:
+    """Median seconds of one network forward at batch 1 (the unit of the time / (NFE x forward) ratio).
+    Measured next to every slice, so that a busy machine slows the unit and the solvers alike."""
     x, s = torch.rand(1, 1, prior.image_size, prior.image_size), torch.full((1,), 0.5)
+    times = []
     with torch.no_grad():
         prior(x, s)
-        t0 = time.perf_counter()
         for _ in range(reps):
+            t0 = time.perf_counter()
             prior(x, s)
-    return (time.perf_counter() - t0) / reps
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
-def tune(images: np.ndarray, accel: float, coils: int) -> dict[str, float]:
-    """Per baseline, the weight of LAMBDA_GRID with the best mean PSNR on the tuning slices."""
+def run_method(task, method: str, prior, steps: int, seed: int, samples: int, lam: float | None,
+               external_steps: int) -> dict:
+    """One reconstruction scored: PSNR/SSIM/NMSE, seconds, NFE. ``deepinv-dps`` (external reference)
+    runs ``external_steps`` steps with weight ``lam``; everything else goes through ``run_solver``."""
+    if method == "deepinv-dps":
+        from deepinv_ref import deepinv_dps
+
+        img, n, sec = deepinv_dps(task, prior, external_steps, seed=seed, weight=lam)
+        return {**score(task, img), "seconds": sec, "NFE": n}
+    r = run_solver(task, method, prior, steps, seed=seed, samples=samples, lam=lam)
+    return {**score(task, r.mean), "seconds": r.seconds, "NFE": r.nfe}
+
+
+def tune(images: np.ndarray, accel: float, coils: int, methods: tuple[str, ...], prior=None,
+         external_steps: int = 100) -> dict[str, float]:
+    """Per method, the weight of its grid (baselines: LAMBDA_GRID; deepinv-dps: DEEPINV_WEIGHT_GRID)
+    with the best mean PSNR on the tuning slices."""
     out = {}
-    for method in ("tv", "l1wavelet"):
+    for method in methods:
         means = {}
-        for lam in LAMBDA_GRID:
-            ps = [score(t, run_solver(t, method, lam=lam).mean)["PSNR"]
-                  for t in (simulate_task(im, accel, seed=1000 + i, coils=coils) for i, im in enumerate(images))]
+        for lam in DEEPINV_WEIGHT_GRID if method == "deepinv-dps" else LAMBDA_GRID:
+            ps = [run_method(t, method, prior, 0, 1000 + i, 1, lam, external_steps)["PSNR"]
+                  for i, t in enumerate(simulate_task(im, accel, seed=1000 + i, coils=coils)
+                                        for i, im in enumerate(images))]
             means[lam] = float(np.mean(ps))
             print(f"tune {method} lam={lam:g}: PSNR {means[lam]:.2f}", flush=True)
         out[method] = max(means, key=means.get)
@@ -68,7 +95,13 @@ def main() -> None:
     ap.add_argument("--tune-slices", type=int, default=8)
     ap.add_argument("--samples", type=int, default=1, help="posterior samples per slice (scored: their mean)")
     ap.add_argument("--name", default="mri")
+    ap.add_argument("--external", default="", help="external references (deepinv-dps; needs `make bench-deps`), "
+                    "with --tune: tune their weights too")
+    ap.add_argument("--external-steps", type=int, default=100, help="steps of the external references")
     args = ap.parse_args()
+    externals = tuple(m for m in args.external.split(",") if m)
+    if unknown := set(externals) - set(EXTERNAL):
+        ap.error(f"unknown external reference(s) {sorted(unknown)}; choose from {EXTERNAL}")
     prior = load_prior(args.model)
     npz = args.data / "ixi_t1" / "ixi_t1_axial_128.npz"
     val = sorted(prior.meta["data"]["val_subjects"])
@@ -76,26 +109,31 @@ def main() -> None:
     lam_file = RESULTS / "mri_lambda.json"
     if args.tune:
         imgs, _ = heldout_slices(npz, tune_subj, args.tune_slices, seed=1)
-        lams = tune(imgs, 4.0, 1)
+        lams = tune(imgs, 4.0, 1, ("tv", "l1wavelet", *externals), prior, args.external_steps)
         RESULTS.mkdir(exist_ok=True)
         lam_file.write_text(json.dumps({"lambda": lams, "tuning_subjects": tune_subj, "accel": 4, "coils": 1,
-                                        "grid": LAMBDA_GRID}, indent=2))
+                                        "grid": LAMBDA_GRID, "deepinv_weight_grid": DEEPINV_WEIGHT_GRID,
+                                        "external_steps": args.external_steps}, indent=2))
         print("tuned:", lams)
         return
     lams = json.loads(lam_file.read_text())["lambda"] if lam_file.exists() else DEFAULT_LAMBDA
+    if missing := [m for m in externals if m not in lams]:
+        ap.error(f"no tuned weight for {missing}: run --tune --external {','.join(externals)} first")
     imgs, ids = heldout_slices(npz, eval_subj, args.n_slices)
-    fwd = forward_seconds(prior)
-    methods = [m for m in args.solvers.split(",") + args.baselines.split(",") if m]
-    samples = {m: 1 if m in BASELINES else args.samples for m in methods}  # baselines are deterministic
-    rows = []
+    methods = [m for m in args.solvers.split(",") + [*externals] + args.baselines.split(",") if m]
+    # baselines are deterministic; the external reference draws one sample
+    samples = {m: 1 if m in BASELINES or m in EXTERNAL else args.samples for m in methods}
+    rows, fwds = [], []
     for coils in (int(c) for c in args.coils.split(",")):
         for accel in (float(a) for a in args.accels.split(",")):
             acc: dict[str, list[dict]] = {m: [] for m in methods}
             for i, im in enumerate(imgs):
                 task = simulate_task(im, accel, seed=i, coils=coils)
+                fwd = forward_seconds(prior)
+                fwds.append(fwd)
                 for m in methods:
-                    r = run_solver(task, m, prior, args.steps, seed=i, samples=samples[m], lam=lams.get(m))
-                    acc[m].append({**score(task, r.mean), "seconds": r.seconds, "NFE": r.nfe})
+                    acc[m].append({**run_method(task, m, prior, args.steps, i, samples[m], lams.get(m),
+                                                args.external_steps), "forward_s": fwd})
                 print(f"coils {coils} x{accel:g} slice {i + 1}/{len(imgs)}: " +
                       "  ".join(f"{m} {acc[m][-1]['PSNR']:.2f}" for m in methods), flush=True)
             for m in methods:
@@ -105,12 +143,14 @@ def main() -> None:
                        "SSIM": float(np.mean([r["SSIM"] for r in a])), "NMSE": float(np.mean([r["NMSE"] for r in a])),
                        "s_per_slice": float(np.mean([r["seconds"] for r in a]))}
                 if row["NFE"] and row["samples"] == 1:  # K samples share one batch: no per-sample time
-                    row["time_over_NFE_x_forward"] = row["s_per_slice"] / (row["NFE"] * fwd)
+                    row["time_over_NFE_x_forward"] = float(np.mean([r["seconds"] / (r["NFE"] * r["forward_s"])
+                                                                     for r in a]))
                 rows.append(row)
     write_table(args.name, rows, {**machine(), "model": args.model, "prior_step": prior.meta["step"],
                                   "images_seen": prior.meta["images_seen"], "n_slices": len(imgs),
                                   "eval_subjects": sorted(set(ids.tolist())), "steps": args.steps,
-                                  "lambda": lams, "forward_s_batch1": fwd, "mask": "random1d, 8% centre"})
+                                  "lambda": lams, "forward_s_batch1_median": float(np.median(fwds)),
+                                  "mask": "random1d, 8% centre", "external_steps": args.external_steps if externals else None})
 
 
 if __name__ == "__main__":
