@@ -68,13 +68,13 @@ def tune(images: np.ndarray, accel: float, coils: int, methods: tuple[str, ...],
          external_steps: int = 100) -> dict[str, float]:
     """Per method, the weight of its grid (baselines: LAMBDA_GRID; deepinv-dps: DEEPINV_WEIGHT_GRID)
     with the best mean PSNR on the tuning slices."""
+    tasks = [simulate_task(im, accel, seed=1000 + i, coils=coils) for i, im in enumerate(images)]
     out = {}
     for method in methods:
         means = {}
         for lam in DEEPINV_WEIGHT_GRID if method == "deepinv-dps" else LAMBDA_GRID:
             ps = [run_method(t, method, prior, 0, 1000 + i, 1, lam, external_steps)["PSNR"]
-                  for i, t in enumerate(simulate_task(im, accel, seed=1000 + i, coils=coils)
-                                        for i, im in enumerate(images))]
+                  for i, t in enumerate(tasks)]
             means[lam] = float(np.mean(ps))
             print(f"tune {method} lam={lam:g}: PSNR {means[lam]:.2f}", flush=True)
         out[method] = max(means, key=means.get)
@@ -151,7 +151,8 @@ def main() -> None:
                                   "images_seen": prior.meta["images_seen"], "n_slices": len(imgs),
                                   "eval_subjects": sorted(set(ids.tolist())), "steps": args.steps,
                                   "lambda": lams, "forward_s_batch1_median": float(np.median(fwds)),
-                                  "mask": "random1d, 8% centre", "external_steps": args.external_steps if externals else None})
+                                  "mask": "random1d, 8% centre",
+                                  "external_steps": args.external_steps if externals else None})
 
 
 if __name__ == "__main__":
