@@ -518,3 +518,22 @@ def test_same_seed_same_recon(prior: Path, inputs: dict, tmp_path: Path) -> None
     ra, rb, rc = (read_nifti(p / "recon.nii.gz")[0] for p in (a, b, c))
     np.testing.assert_array_equal(ra, rb)
     assert not np.allclose(ra, rc), "another seed (mask and sampler) must give another reconstruction"
+
+
+def test_dds_cg_steps_follow_the_operator(prior: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DDS runs 5 CG steps on single-coil MRI (a near-projection normal operator) and the solver's
+    default on multi-coil MRI and CT; ``run_solver`` hands that count to the solver."""
+    from mediff.prior import load_prior
+    from mediff.recon import dds_cg_iters, run_solver, simulate_task
+    from mediff.recon_ct import simulate_ct_task
+    from mediff.solvers import SOLVERS, SolverSpec
+
+    single = simulate_task(phantom() / 800.0, 4.0, center_fraction=0.125, seed=0, coils=1)
+    multi = simulate_task(phantom() / 800.0, 4.0, center_fraction=0.125, seed=0, coils=4)
+    ct = simulate_ct_task(phantom(peak=1000.0) - 1000.0, views=20, seed=0)
+    assert dds_cg_iters(single) == 5
+    assert dds_cg_iters(multi) == dds_cg_iters(ct) == SOLVERS["dds"].cg_iters > 5
+    p = load_prior(prior)
+    monkeypatch.setitem(SOLVERS, "dds-cg5", SolverSpec("ddim", "prox", cg_iters=5, eta=SOLVERS["dds"].eta))
+    a, b = (run_solver(single, m, p, steps=3, seed=1).mean for m in ("dds", "dds-cg5"))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -32,7 +32,7 @@ from mediff.mri import SingleCoilMRI
 from mediff.operators import Matrix, PhaseModulated
 from mediff.samplers import nfe as sampler_nfe
 from mediff.schedules import karras
-from mediff.solvers import SOLVERS, Problem, grad_guidance, measurement_projection, solve
+from mediff.solvers import SOLVERS, Problem, SolverSpec, grad_guidance, measurement_projection, solve
 
 DT = torch.float64
 MU, S = 0.3, 0.5
@@ -416,7 +416,7 @@ def test_mcg_noisy_follows_its_kalman_scheme(kind):
 
 # --------------------------------------------------------------------- 3. dense A, A A^T != I
 
-# dds: 10 CG iterations are exact here (A^T A + lam I has 5 distinct eigenvalues); ddnm and dps: 50
+# dds: 20 CG iterations are exact here (A^T A + lam I has 5 distinct eigenvalues); ddnm and dps: 50
 # iterations. dps's guided denoiser is the exact posterior denoiser for any A (section 0), so it runs
 # the same ancestral scheme as ddnm, and so does dds (eta = 1). Scheme's exact variance bias at 200
 # steps: ddpm -4.9 %. Measured vs the posterior (N = 4096, 200 steps): max mean error 0.027 std, max
@@ -471,7 +471,7 @@ def _real_linear_posterior(op, y, sy):
     return C @ (torch.full((n,), MU / S**2, dtype=DT) + At.T @ yt / v), C
 
 
-# The posterior is exact here only if CG converges; DDS runs 10 CG iterations on a spread spectrum
+# The posterior is exact here only if CG converges; DDS runs 20 CG iterations on a spread spectrum
 # (the real-linear normal operator has eigenvalues from 1e-10 to 1) but lam = sy^2 / (2 r^2) >= 0.5
 # keeps the system well conditioned, so the samples follow DDS's scheme (DDIM, eta = 1) on N(m, C)
 # (its exact moments by ``sampler_moments``; mean variance ratio to C 0.822 at 50 steps).
@@ -554,6 +554,20 @@ def test_same_seed_same_output_and_global_rng_untouched(solver):
     assert torch.equal(torch.get_rng_state(), state), "solve() must draw only from its generator"
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c), "another seed must give another sample"
+
+
+def test_cg_iters_override_is_the_spec_with_that_count(monkeypatch):
+    """``solve(cg_iters=K)`` runs the solver's scheme with K CG steps, draw for draw; K < 1 is refused."""
+    A, y, _, _ = make_problem("dense", SY)
+    monkeypatch.setitem(SOLVERS, "dds-cg2", SolverSpec("ddim", "prox", cg_iters=2, eta=SOLVERS["dds"].eta))
+    a, _ = solve(ORACLE, Problem(Matrix(A), y.expand(8, -1), 0.0), (8, N_DIM), "dds", steps=5, sigma_data=S,
+                 sigma_min=SMIN, sigma_max=SMAX, generator=torch.Generator().manual_seed(3), dtype=DT, cg_iters=2)
+    b, _ = run("dds-cg2", A, y, 0.0, steps=5, n_items=8, seed=3)
+    c, _ = run("dds", A, y, 0.0, steps=5, n_items=8, seed=3)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c), "2 CG steps must differ from the default count on this spread spectrum"
+    with pytest.raises(MediffError, match="cg_iters"):
+        solve(ORACLE, Problem(Matrix(A), y, SY), (1, N_DIM), "ddnm", steps=2, cg_iters=0)
 
 
 # ------------------------------------------------------------------------------- 7. errors
