@@ -39,6 +39,7 @@ over-confident in the range of A (tests/test_solvers.py measures by how much on 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -59,6 +60,11 @@ class Problem:
     op: LinearOperator
     y: Tensor
     noise_sigma: float = 0.0
+
+    @cached_property
+    def aty(self) -> Tensor:
+        """A^H y, computed once per problem: every data-consistency step of a solve reuses it."""
+        return self.op.AH(self.y)
 
 
 def posterior_var(sigma: Tensor, sigma_data: float) -> Tensor:
@@ -83,9 +89,9 @@ def _item(v: Tensor, like: Tensor) -> Tensor:
 
 def prox_data_consistency(problem: Problem, d: Tensor, lam: Tensor, iters: int) -> Tensor:
     """CG on (A^H A + lam I) z = A^H y + lam d from z = d: ``iters`` steps (lam (B,), 0 = projection)."""
-    op, y = problem.op, problem.y
+    op = problem.op
     lam_b = _item(lam, d).to(d.dtype)
-    return conjugate_gradient(lambda z: op.normal(z) + lam_b * z, op.AH(y) + lam_b * d, d, iters)
+    return conjugate_gradient(lambda z: op.normal(z) + lam_b * z, problem.aty + lam_b * d, d, iters)
 
 
 def _posterior_prox(problem: Problem, d: Tensor, sigma: Tensor, sigma_data: float,
