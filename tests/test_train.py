@@ -514,6 +514,25 @@ def test_sigkill_then_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert not list(run.glob(".mediff-tmp-*")), "resume removes the temp files a kill left behind"
 
 
+def test_resume_drops_log_rows_past_the_checkpoint(tmp_path: Path) -> None:
+    """A killed run may have logged steps after its last checkpoint; the resumed run repeats them, so
+    their rows go: every step appears once in train.csv and once per sigma in val.csv."""
+    data, _ = make_npz(tmp_path)
+    run = tmp_path / "run"
+    common = ["--data", data, "--out", run, "--val-subjects", 1, "--val-every", 2, "--checkpoint-every", 2, *TINY]
+    assert run_cli("train", "--steps", 2, *common)[0] == 0
+    for name in ("train.csv", "val.csv"):  # what a run killed at step 21 after its step-2 checkpoint leaves
+        rows = read_csv(run / name)
+        with open(run / name, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writerows({**r, "step": step} for step in (3, 20) for r in rows)
+    code, _, err = run_cli("train", "--steps", 4, "--resume", *common)
+    assert code == 0, err
+    assert [int(r["step"]) for r in read_csv(run / "train.csv")] == [2, 4]
+    val = [(int(r["step"]), r["sigma"]) for r in read_csv(run / "val.csv")]
+    assert sorted({s for s, _ in val}) == [2, 4] and len(val) == len(set(val))
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. DDP with torchrun (2 processes, gloo on CPU)
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from mediff.checkpoint import load_checkpoint, prefixed, save_checkpoint, split_
 from mediff.data import SliceSet, load_slices, split_by_subject
 from mediff.denoiser import EDMPrecond, edm_sigma_range
 from mediff.errors import MediffError
+from mediff.io import atomic_write
 from mediff.nets import LeanUNet, UNetConfig, coordinate_grid
 
 VAL_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0)
@@ -143,6 +144,7 @@ class Trainer:
             if self.rank == 0:  # half-written temp files of a killed run (each up to a checkpoint's size)
                 for tmp in self.out.glob(".mediff-tmp-*"):
                     tmp.unlink(missing_ok=True)
+                self._trim_logs()
         elif resume:
             raise MediffError(f"--resume given but no checkpoint in {self.out}")
         elif ckpt.exists() or compact.exists():
@@ -299,6 +301,18 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save()
 
+    def _trim_logs(self) -> None:
+        """Drop the log rows past the resumed step: the run repeats those steps and logs them again."""
+        for name in ("train.csv", "val.csv"):
+            path = self.out / name
+            if not path.exists():
+                continue
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= self.step]
+            if len(keep) < len(rows):
+                atomic_write(path, True, lambda tmp: _write_csv(tmp, keep))
+
     def _log(self, name: str, header: list[str], row: list) -> None:
         if self.rank:
             return
@@ -312,6 +326,11 @@ class Trainer:
 
 
 COMPACT_NAME = "resume.safetensors"
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
 
 
 def compact_checkpoint(run: Path) -> Path:
