@@ -140,6 +140,7 @@ def test_dds_png_writes_all_outputs(prior: Path, inputs: dict, tmp_path: Path) -
 
     rec_json = metrics_of(out)
     assert rec_json["solver"] == "dds" and rec_json["nfe"] == 3 and rec_json["steps"] == 3
+    assert rec_json["cg_iters"] == 5  # single-coil MRI (recon.dds_cg_iters)
     assert isinstance(rec_json["seconds"], (int, float)) and rec_json["seconds"] >= 0
     rows = rows_by_method(rec_json)
     assert set(rows) == {"dds", "zero-filled", "tv"}
@@ -524,15 +525,16 @@ def test_dds_cg_steps_follow_the_operator(prior: Path, monkeypatch: pytest.Monke
     """DDS runs 5 CG steps on single-coil MRI (a near-projection normal operator) and the solver's
     default on multi-coil MRI and CT; ``run_solver`` hands that count to the solver."""
     from mediff.prior import load_prior
-    from mediff.recon import dds_cg_iters, run_solver, simulate_task
+    from mediff.recon import dds_cg_iters, run_solver, simulate_task, solver_cg_iters
     from mediff.recon_ct import simulate_ct_task
     from mediff.solvers import SOLVERS, SolverSpec
 
     single = simulate_task(phantom() / 800.0, 4.0, center_fraction=0.125, seed=0, coils=1)
     multi = simulate_task(phantom() / 800.0, 4.0, center_fraction=0.125, seed=0, coils=4)
     ct = simulate_ct_task(phantom(peak=1000.0) - 1000.0, views=20, seed=0)
-    assert dds_cg_iters(single) == 5
+    assert dds_cg_iters(single) == solver_cg_iters(single, "dds") == 5
     assert dds_cg_iters(multi) == dds_cg_iters(ct) == SOLVERS["dds"].cg_iters > 5
+    assert solver_cg_iters(single, "ddnm") == SOLVERS["ddnm"].cg_iters
     p = load_prior(prior)
     monkeypatch.setitem(SOLVERS, "dds-cg5", SolverSpec("ddim", "prox", cg_iters=5, eta=SOLVERS["dds"].eta))
     a, b = (run_solver(single, m, p, steps=3, seed=1).mean for m in ("dds", "dds-cg5"))

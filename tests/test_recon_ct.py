@@ -199,6 +199,7 @@ def test_ct_prior_dds(tiny_priors: dict[str, Path], files: dict[str, Path], tmp_
     assert_hu(load(out / "fbp.nii.gz"), bone=False)  # via the prior's 32 px grid: the 9 px insert blurs
     rec = json.loads((out / "metrics.json").read_text())
     assert rec["metrics"][0]["method"] == "dds" and rec["metrics"][0]["NFE"] > 0 and rec["problem"]["grid"] == 32
+    assert rec["cg_iters"] == 20  # CT's ill-conditioned normal operator (recon.dds_cg_iters)
     assert "coverage90" in rec
 
 

@@ -422,6 +422,12 @@ def dds_cg_iters(task: Task) -> int:
     return 5 if single_coil_mri else SOLVERS["dds"].cg_iters
 
 
+def solver_cg_iters(task: Task, method: str) -> int:
+    """CG steps per update of diffusion solver ``method`` on ``task``: DDS's follow the operator
+    (``dds_cg_iters``), the other solvers run their ``SolverSpec.cg_iters`` (0: no prox)."""
+    return dds_cg_iters(task) if method == "dds" else SOLVERS[method].cg_iters
+
+
 def run_solver(task: Task, method: str, prior=None, steps: int = 50, seed: int = 0, samples: int = 1,
                lam: float | None = None, progress: Callable | None = None) -> ReconResult:
     """Reconstruct with a diffusion solver (needs ``prior``) or a classical baseline (MRI: zero-filled,
@@ -442,7 +448,7 @@ def run_solver(task: Task, method: str, prior=None, steps: int = 50, seed: int =
     gen = torch.Generator().manual_seed(seed)
     x, n = solve(prior, problem, (k, 1, *task.shape), method, steps=steps, sigma_data=prior.meta["sigma_data"],
                  sigma_min=prior.sigma_min, sigma_max=prior.sigma_max, generator=gen, callback=progress,
-                 cg_iters=dds_cg_iters(task) if method == "dds" else None)
+                 cg_iters=solver_cg_iters(task, method))
     mag = _image(task, x.detach())
     std = mag.std(0, keepdim=True) if k > 1 else None
     return ReconResult(mag.mean(0, keepdim=True), std, mag[:, None], n, time.perf_counter() - t0)
@@ -556,7 +562,8 @@ def reconstruct_file(input_path: Path, out_dir: Path, model: str | None, solver:
         units = "PSNR/SSIM/NMSE on the working grid in normalised units, data_range = reference max"
     record = {"solver": solver, "modality": task.kind, "model": None if prior is None else prior.name, "nfe": res.nfe,
               "seconds": round(res.seconds, 3), "metrics": rows, "notes": task.notes, "problem": task.info,
-              "units": units, "seed": seed, "samples": samples, "steps": steps, "mediff": __version__,
+              "units": units, "seed": seed, "samples": samples, "steps": steps,
+              "cg_iters": solver_cg_iters(task, solver) if solver in SOLVERS else None, "mediff": __version__,
               "command": command}
     if ct and mri_options:
         record["ignored_options"] = list(mri_options)
