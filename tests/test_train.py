@@ -593,6 +593,22 @@ def test_ddp_two_ranks_stay_identical(tmp_path: Path) -> None:
     assert len(rows) == 1 and int(rows[0]["step"]) == steps and math.isfinite(float(rows[0]["loss"]))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_training_matches_cpu_and_resumes_on_cpu(tmp_path: Path) -> None:
+    """The same (seed, step) draws on both devices: CUDA's losses follow the CPU run's (to float
+    round-off over a few steps), and a CUDA checkpoint resumes on the CPU."""
+    data, _ = make_npz(tmp_path)
+    common = ["--data", data, "--val-subjects", 1, "--val-every", 2, "--checkpoint-every", 2, *TINY]
+    for dev in ("cpu", "cuda"):
+        code, _, err = run_cli("train", "--out", tmp_path / dev, "--steps", 4, "--device", dev, *common)
+        assert code == 0, err
+    cpu, gpu = (read_csv(tmp_path / d / "train.csv") for d in ("cpu", "cuda"))
+    assert float(gpu[-1]["loss"]) == pytest.approx(float(cpu[-1]["loss"]), rel=0.05)
+    code, _, err = run_cli("train", "--out", tmp_path / "cuda", "--steps", 6, "--device", "cpu", "--resume", *common)
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "cuda" / "checkpoint.safetensors")[1]["step"] == 6
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. user errors: exit 2, one line, no traceback
 # --------------------------------------------------------------------------------------------------
@@ -611,7 +627,10 @@ ERROR_CASES = {
     "npz-without-subject-index": (lambda t, d: ["--data", _npz_without_subjects(t), "--out", t / "r"],
                                   "subject_index"),
     "size-not-divisible": (lambda t, d: ["--out", t / "r", "--size", "30"], "multiple of 4"),
+    "unknown-device": (lambda t, d: ["--out", t / "r", "--device", "tpu9"], "--device"),
 }
+if not torch.cuda.is_available():
+    ERROR_CASES["cuda-without-gpu"] = (lambda t, d: ["--out", t / "r", "--device", "cuda"], "no CUDA device")
 
 
 @pytest.fixture(scope="module")

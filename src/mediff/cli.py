@@ -96,6 +96,8 @@ def train(
     position: bool = typer.Option(False, "--position", help="Pixel coordinates as extra network inputs."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    device: str = typer.Option("auto", help="auto (CUDA when available) | cpu | cuda. A run may resume on "
+                               "another device; random draws stay on CPU generators."),
 ) -> None:
     """Train a diffusion prior (EDM loss, EMA, AdamW). Under torchrun, trains with DDP."""
     from mediff.train import TrainConfig, train as run
@@ -110,7 +112,7 @@ def train(
                       checkpoint_every=checkpoint_every, val_every=val_every, seed=seed, net=net.to_dict(),
                       intensity=intensity, patch_sizes=_ints(patch_sizes, "--patch-sizes") if patch_sizes else (),
                       full_prob=full_prob)
-    trainer = run(data, out, cfg, covariates=covariates, resume=resume, progress=progress)
+    trainer = run(data, out, cfg, covariates=covariates, resume=resume, progress=progress, device=device)
     if trainer.rank == 0:
         console.print(f"[green]done[/]: step {trainer.step}, prior at {Path(out) / 'prior.safetensors'}")
 

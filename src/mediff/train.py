@@ -75,8 +75,9 @@ def edm_loss(model: nn.Module, sd: float, x0: Tensor, cond: Tensor | None, gen: 
     the coordinate channels of patches (None: whole images).
     """
     b = x0.shape[0]
-    sigma = (torch.randn(b, generator=gen) * p_std + p_mean).exp()
-    noise = torch.randn(x0.shape, generator=gen)
+    # Drawn on the CPU generator whatever x0's device: the same (seed, step) gives the same noise.
+    sigma = (torch.randn(b, generator=gen) * p_std + p_mean).exp().to(x0.device)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
     denoised = model(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, cond, pos)
     return (weight.view(-1, 1, 1, 1) * (denoised - x0) ** 2).mean()
@@ -108,8 +109,9 @@ def random_crops(x: Tensor, pos: Tensor, p: int, n: int, gen: torch.Generator) -
 class Trainer:
     """Owns model, EMA, optimiser and logs of one run in ``out_dir``."""
 
-    def __init__(self, data: SliceSet, out_dir: Path, cfg: TrainConfig, resume: bool = False) -> None:
-        self.cfg, self.out = cfg, Path(out_dir)
+    def __init__(self, data: SliceSet, out_dir: Path, cfg: TrainConfig, resume: bool = False,
+                 device: torch.device = torch.device("cpu")) -> None:
+        self.cfg, self.out, self.device = cfg, Path(out_dir), torch.device(device)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         if cfg.batch % self.world:
             raise MediffError(f"batch {cfg.batch} is not divisible by {self.world} processes")
@@ -134,7 +136,7 @@ class Trainer:
         cfg.net = net_cfg.to_dict()
         with torch.random.fork_rng(devices=[]):  # initial weights: a function of the seed, not the global RNG
             torch.manual_seed(cfg.seed)
-            self.model = EDMPrecond(LeanUNet(net_cfg), self.sigma_data, self.data_mean)
+            self.model = EDMPrecond(LeanUNet(net_cfg), self.sigma_data, self.data_mean).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step, self.images_seen, self.wall = 0, 0, 0.0
@@ -149,7 +151,9 @@ class Trainer:
             raise MediffError(f"--resume given but no checkpoint in {self.out}")
         elif ckpt.exists() or compact.exists():
             raise MediffError(f"{self.out} already holds a training run: use --resume to continue it")
-        self.ddp = (nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model)
+        cuda_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=cuda_ids) if self.world > 1
+                    else self.model)
 
     # ---- checkpoint -------------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -235,8 +239,9 @@ class Trainer:
         # Every rank builds the same global batch (same generator) and trains on its own share.
         share = slice(self.rank, None, self.world)
         rank_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + self.rank)
-        loss = edm_loss(self.ddp, self.sigma_data, x0[share], None if cond is None else cond[share], rank_gen, p_mean,
-                        cfg.p_std, None if pos is None else pos[share])
+        dev = self.device
+        loss = edm_loss(self.ddp, self.sigma_data, x0[share].to(dev), None if cond is None else cond[share].to(dev),
+                        rank_gen, p_mean, cfg.p_std, None if pos is None else pos[share].to(dev))
         for g in self.opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
         self.opt.zero_grad(set_to_none=True)
@@ -263,9 +268,9 @@ class Trainer:
         x0 = self.val.images[idx]
         out = {}
         for s in VAL_SIGMAS:
-            noisy = x0 + s * torch.randn(x0.shape, generator=gen)
-            den = torch.cat([self.ema(c, torch.full((len(c),), s)) for c in noisy.split(16)])
-            out[s] = float(((den - x0) ** 2).mean())
+            noisy = (x0 + s * torch.randn(x0.shape, generator=gen)).to(self.device)
+            den = torch.cat([self.ema(c, torch.full((len(c),), s, device=self.device)) for c in noisy.split(16)])
+            out[s] = float(((den.cpu() - x0) ** 2).mean())
         return out
 
     # ---- loop -------------------------------------------------------------------------------------
@@ -381,19 +386,41 @@ def plot_validation(csv_path: Path, png_path: Path) -> None:
     os.replace(tmp, png_path)
 
 
-def init_distributed() -> bool:
+def resolve_device(device: str = "auto") -> torch.device:
+    """The training device: "auto" = CUDA when available, else the CPU; a bare "cuda" is this process's
+    GPU (torchrun's LOCAL_RANK). Randomness stays on CPU generators either way (``step_generator``)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MediffError(f"unknown --device {device!r}: use auto, cpu or cuda") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MediffError("--device cuda, but this torch sees no CUDA device")
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    elif dev.type != "cpu":
+        raise MediffError(f"unsupported --device {device!r}: use auto, cpu or cuda")
+    return dev
+
+
+def init_distributed(device: torch.device) -> bool:
     """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return True
     return False
 
 
 def train(data_path: Path, out_dir: Path, cfg: TrainConfig, covariates: Path | None = None,
-          resume: bool = False, progress: bool = True) -> Trainer:
-    """Load data, split by subject, train to ``cfg.steps`` with checkpoints in ``out_dir``."""
-    init_distributed()
+          resume: bool = False, progress: bool = True, device: str = "auto") -> Trainer:
+    """Load data, split by subject, train to ``cfg.steps`` with checkpoints in ``out_dir`` on ``device``
+    (``resolve_device``)."""
+    dev = resolve_device(device)
+    init_distributed(dev)
     data = load_slices(Path(data_path), cfg.size, covariates, intensity=cfg.intensity)
-    trainer = Trainer(data, out_dir, cfg, resume=resume)
+    trainer = Trainer(data, out_dir, cfg, resume=resume, device=dev)
     trainer.fit(progress=progress)
     return trainer
