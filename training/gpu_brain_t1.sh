@@ -8,6 +8,9 @@
 # Why from scratch: the 128-px NPZ (59 MB) and the CPU run's compact state (32 MB) do not fit the
 # device tool's 64 MiB working tree together. A dry run here: DEVICE=cpu PY=.venv/bin/python CKPT=1 VAL=2
 # OUT=/tmp/o training/gpu_brain_t1.sh 0.5 4 (in a clone staged by training/gpu_stage.sh hide).
+# Back here, `training/gpu_stage.sh restore FILES_AT` puts the run in training/brain-t1-gpu/, and the
+# CPU continues it with the same command as train_brain_t1.sh plus --out training/brain-t1-gpu
+# --batch BATCH --resume; training/ship_prior.py training/brain-t1-gpu brain-t1 ships it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=${1:-8}
@@ -25,5 +28,6 @@ echo "train exit $? (124 = stopped by the time limit)"
 "$PY" -c "from pathlib import Path; from mediff.train import compact_checkpoint; compact_checkpoint(Path('$RUN'))" || exit 1
 split -b 15M "$RUN/resume.safetensors" "$OUT/resume.safetensors.part-"
 cp "$RUN/prior.safetensors" "$RUN/prior.json" "$RUN/resume.json" "$OUT/"
-tar czf "$OUT/logs.tgz" -C "$RUN" train.csv val.csv
+logs=$(cd "$RUN" && ls train.csv val.csv 2>/dev/null) || true  # a short run may not have logged yet
+tar czf "$OUT/logs.tgz" -C "$RUN" $logs
 ls -l "$OUT"
