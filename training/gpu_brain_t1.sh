@@ -10,7 +10,8 @@
 # OUT=/tmp/o training/gpu_brain_t1.sh 0.5 4 (in a clone staged by training/gpu_stage.sh hide).
 # Back here, `training/gpu_stage.sh restore FILES_AT` puts the run in training/brain-t1-gpu/, and the
 # CPU continues it with the same command as train_brain_t1.sh plus --out training/brain-t1-gpu
-# --batch BATCH --resume; training/ship_prior.py training/brain-t1-gpu brain-t1 ships it.
+# --batch BATCH --resume; training/ship_prior.py training/brain-t1-gpu brain-t1 ships it (its card
+# quotes the CPU command in CARDS: add this one).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=${1:-8}
