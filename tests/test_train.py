@@ -526,6 +526,7 @@ def test_resume_drops_log_rows_past_the_checkpoint(tmp_path: Path) -> None:
         with open(run / name, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writerows({**r, "step": step} for step in (3, 20) for r in rows)
+            f.write("2,1")  # a row cut short by the kill
     code, _, err = run_cli("train", "--steps", 4, "--resume", *common)
     assert code == 0, err
     assert [int(r["step"]) for r in read_csv(run / "train.csv")] == [2, 4]

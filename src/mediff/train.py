@@ -151,7 +151,8 @@ class Trainer:
             raise MediffError(f"--resume given but no checkpoint in {self.out}")
         elif ckpt.exists() or compact.exists():
             raise MediffError(f"{self.out} already holds a training run: use --resume to continue it")
-        cuda_ids = [self.device.index] if self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
+        cuda_ids = [torch.cuda.current_device() if self.device.index is None else self.device.index] if cuda else None
         self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=cuda_ids) if self.world > 1
                     else self.model)
 
@@ -314,7 +315,9 @@ class Trainer:
                 continue
             with open(path, newline="") as f:
                 rows = list(csv.reader(f))
-            keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= self.step]
+            # A row cut short by a kill goes too.
+            keep = rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit()
+                               and int(r[0]) <= self.step]
             if len(keep) < len(rows):
                 atomic_write(path, True, lambda tmp: _write_csv(tmp, keep))
 
