@@ -5,13 +5,13 @@
 # Diffusion (32/64-px crops with their coordinates, whole slices half of the steps). 8 patients are
 # held out (the same split for both: same seed). Watch val.csv: on whole slices held-out PSNR peaks
 # at step 2000 and falls after it (the network memorises its 63 slices); the patch run (shipped as
-# `ct`) was still improving at step 3000. Equivalent CLI (patch):
+# `ct` at step 5600) was still improving slowly at low noise there. Equivalent CLI (patch):
 #   mediff train --data ../shared/data/ct_tcga/ct_hu_512.npz --out training/ct-patch --size 128 --batch 16 \
-#     --steps 4000 --val-subjects 8 --intensity hu --position --patch-sizes 32,64 --full-prob 0.5 [--resume]
+#     --steps 9000 --val-subjects 8 --intensity hu --position --patch-sizes 32,64 --full-prob 0.5 [--resume]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIND=${1:?whole or patch}
-STEPS=${2:-4000}
+STEPS=${2:-9000}
 DATA=${3:-../shared/data}
 case "$KIND" in
   whole) extra=() ;;
