@@ -38,7 +38,10 @@ def _cplx(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, dtype=torch.complex128, generator=_gen(seed))
 
 
-def _rand_mask(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+def _rand_mask(shape: tuple[int, ...], seed: int = 0, columns: bool = False) -> torch.Tensor:
+    """Random 0/1 mask; ``columns``: a 1D mask (random columns, the same on every row)."""
+    if columns:
+        return (torch.rand(*shape[:-2], 1, shape[-1], generator=_gen(seed)) < 0.4).expand(shape).clone()
     return torch.rand(*shape, generator=_gen(seed)) < 0.4
 
 
@@ -79,11 +82,13 @@ def test_fft2c_parseval_inverse_and_centring() -> None:
 
 
 # The normal operators skip the FFT shifts (a circulant commutes with them): odd sizes, where
-# fftshift and ifftshift differ, check that the shifted mask is the right one.
+# fftshift and ifftshift differ, check that the shifted mask is the right one. Column (1D) masks
+# take the 1D-FFT path of the normal operator.
+@pytest.mark.parametrize("columns", [False, True])
 @pytest.mark.parametrize("hw", [(H, W), (15, 21)])
 @pytest.mark.parametrize("batched_mask", [False, True])
-def test_single_coil_adjoint_and_normal(batched_mask: bool, hw: tuple[int, int]) -> None:
-    mask = _rand_mask((2, 1, *hw) if batched_mask else hw)
+def test_single_coil_adjoint_and_normal(batched_mask: bool, hw: tuple[int, int], columns: bool) -> None:
+    mask = _rand_mask((2, 1, *hw) if batched_mask else hw, columns=columns)
     op = SingleCoilMRI(mask)
     x = _cplx(2, 1, *hw)
     assert adjoint_check(op, x, _gen(1)) <= 1e-10
@@ -93,11 +98,12 @@ def test_single_coil_adjoint_and_normal(batched_mask: bool, hw: tuple[int, int])
     assert (y[~mask.expand(2, 1, *hw)] == 0).all()  # unsampled entries exactly zero
 
 
+@pytest.mark.parametrize("columns", [False, True])
 @pytest.mark.parametrize("hw", [(H, W), (15, 21)])
 @pytest.mark.parametrize("batched", [False, True])
-def test_multi_coil_adjoint_and_normal(batched: bool, hw: tuple[int, int]) -> None:
+def test_multi_coil_adjoint_and_normal(batched: bool, hw: tuple[int, int], columns: bool) -> None:
     maps = _cplx(*((2, C, *hw) if batched else (C, *hw)), seed=3)
-    op = MultiCoilMRI(_rand_mask(hw).double(), maps)  # float 0/1 mask works too
+    op = MultiCoilMRI(_rand_mask(hw, columns=columns).double(), maps)  # float 0/1 mask works too
     x = _cplx(2, 1, *hw)
     assert adjoint_check(op, x, _gen(2)) <= 1e-10
     assert torch.allclose(op.normal(x), op.AH(op.A(x)), atol=1e-12)
