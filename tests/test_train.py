@@ -268,6 +268,38 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
     assert_tensors_equal(load_checkpoint(a / "prior.safetensors")[0], load_checkpoint(b / "prior.safetensors")[0])
 
 
+def test_learning_rate_schedule() -> None:
+    """Warm-up, constant, then (decay_steps > 0) linear decay reaching 0 after the last step."""
+    from mediff.train import TrainConfig, learning_rate
+
+    cfg = TrainConfig(steps=1000, lr=1e-3, warmup_steps=100)
+    assert learning_rate(cfg, 0) == pytest.approx(1e-5) and learning_rate(cfg, 99) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 999) == learning_rate(cfg, 5000) == pytest.approx(1e-3)  # no decay: constant
+    cfg.decay_steps = 200
+    assert learning_rate(cfg, 799) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 900) == pytest.approx(0.5e-3) and learning_rate(cfg, 999) == pytest.approx(1e-3 / 200)
+    assert learning_rate(cfg, 1000) == 0.0
+
+
+def test_resume_with_a_learning_rate_decay(tmp_path: Path) -> None:
+    """A constant-rate run finished by a decay added on resume (--decay-steps may change, --lr may not)
+    equals, bit for bit, the run that had the decay from the start; the last step's rate is logged."""
+    data, _ = make_npz(tmp_path)
+    common = ["--data", data, "--val-subjects", 1, "--val-every", 100, "--checkpoint-every", 2, *TINY]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli("train", "--out", a, "--steps", 4, *common)[0] == 0
+    code, _, err = run_cli("train", "--out", a, "--steps", 8, "--lr", "1e-3", "--resume", *common)
+    assert code != 0 and "settings differ (lr)" in err
+    code, _, err = run_cli("train", "--out", a, "--steps", 8, "--decay-steps", 4, "--resume", *common)
+    assert code == 0, err
+    assert run_cli("train", "--out", b, "--steps", 8, "--decay-steps", 4, *common)[0] == 0
+    assert_tensors_equal(load_checkpoint(a / "checkpoint.safetensors")[0], load_checkpoint(b / "checkpoint.safetensors")[0])
+    with open(a / "train.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    # step index 7 of 8: warm-up factor 8/500 (default warm-up), decay factor (8 - 7)/4
+    assert int(last["step"]) == 8 and float(last["lr"]) == pytest.approx(2e-4 * 8 / 500 / 4)
+
+
 def test_compact_checkpoint_resumes_close_to_exact(tmp_path: Path) -> None:
     """resume.safetensors is < 45 % of the full checkpoint, resumes without checkpoint.safetensors, and
     lands near the exact run (16-bit rounding and restarted first moments: close, not equal)."""

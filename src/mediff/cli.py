@@ -81,6 +81,8 @@ def train(
     steps: int = typer.Option(100_000, help="Total optimiser steps."),
     batch: int = typer.Option(16, help="Global batch size (split across torchrun processes)."),
     lr: float = typer.Option(2e-4, help="AdamW learning rate."),
+    decay_steps: int = typer.Option(0, help="Decay the learning rate linearly to 0 over the last N of --steps "
+                                    "(0: constant). May change on --resume: finish a long run with a short decay."),
     covariates: Optional[Path] = typer.Option(None, help="CSV: subject id, then covariate columns (e.g. Age, Sex)."),
     val_subjects: int = typer.Option(20, help="Subjects held out for validation."),
     checkpoint_every: int = typer.Option(200, help="Steps between checkpoints."),
@@ -108,7 +110,7 @@ def train(
     if len(ch) != len(bl):
         raise MediffError("--channels and --blocks need one entry per level")
     net = UNetConfig(channels=ch, blocks=bl, attention_levels=(len(ch) - 1,), pos_channels=2 if position else 0)
-    cfg = TrainConfig(size=size, batch=batch, steps=steps, lr=lr, n_val_subjects=val_subjects,
+    cfg = TrainConfig(size=size, batch=batch, steps=steps, lr=lr, decay_steps=decay_steps, n_val_subjects=val_subjects,
                       checkpoint_every=checkpoint_every, val_every=val_every, seed=seed, net=net.to_dict(),
                       intensity=intensity, patch_sizes=_ints(patch_sizes, "--patch-sizes") if patch_sizes else (),
                       full_prob=full_prob)

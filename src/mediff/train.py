@@ -46,6 +46,11 @@ class TrainConfig:
     steps: int = 100_000
     lr: float = 2e-4
     warmup_steps: int = 500
+    # Learning rate falls linearly to 0 over the last ``decay_steps`` of ``steps`` (0: constant after
+    # warm-up). A warm-up/stable/decay schedule (Hu et al. 2024, arXiv 2404.06395; Hägele et al. 2024,
+    # arXiv 2405.18392): a run trains at constant rate for as long as wanted and any of its checkpoints
+    # can be finished by a short decay, so it may change on resume, like ``steps``.
+    decay_steps: int = 0
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_halflife_images: float = 20_000.0
@@ -60,6 +65,14 @@ class TrainConfig:
     intensity: str = "auto"  # training units: "auto" | "percentile" | "hu" (mediff.data)
     patch_sizes: tuple[int, ...] = ()  # Patch Diffusion crop sizes; () = whole images only
     full_prob: float = 0.5  # with patch_sizes: probability of a whole-image step
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up over ``warmup_steps``, then
+    constant, then (``decay_steps`` > 0) linear decay reaching 0 after step ``steps``."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps)
+    decay = 1.0 if cfg.decay_steps <= 0 else min(1.0, max(0.0, (cfg.steps - step) / cfg.decay_steps))
+    return cfg.lr * warm * decay
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -196,7 +209,8 @@ class Trainer:
         tensors, meta = load_checkpoint(path)
         if meta["data"]["fingerprint"] != self.data.fingerprint:
             raise MediffError(f"{path} was trained on other data (fingerprint differs): refusing to resume")
-        same = {k: v for k, v in meta["train"].items() if k not in ("steps", "checkpoint_every", "val_every")}
+        same = {k: v for k, v in meta["train"].items()
+                if k not in ("steps", "decay_steps", "checkpoint_every", "val_every")}
         if "net" in same:  # fields added to UNetConfig since the checkpoint was written take their defaults
             same["net"] = json.loads(json.dumps(UNetConfig.from_dict(same["net"]).to_dict()))
         # Compare in JSON form: the stored settings came back from JSON (lists, not tuples).
@@ -244,7 +258,7 @@ class Trainer:
         loss = edm_loss(self.ddp, self.sigma_data, x0[share].to(dev), None if cond is None else cond[share].to(dev),
                         rank_gen, p_mean, cfg.p_std, None if pos is None else pos[share].to(dev))
         for g in self.opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
+            g["lr"] = learning_rate(cfg, self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
