@@ -8,8 +8,13 @@
 # `ct` at step 5600) was still improving slowly at low noise there. Equivalent CLI (patch):
 #   mediff train --data ../shared/data/ct_tcga/ct_hu_512.npz --out training/ct-patch --size 128 --batch 16 \
 #     --steps 9000 --val-subjects 8 --intensity hu --position --patch-sizes 32,64 --full-prob 0.5 [--resume]
+#
+# DECAY=N finishes the run with a learning rate falling linearly to 0 over its last N steps, on a copy
+# (training/ct-KIND-decayN, seeded from the constant-rate run's checkpoint; the constant-rate run stays
+# resumable). `ct` ships from DECAY=1400 training/train_ct.sh patch 7800 (the patch run at step 6400).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DECAY=${DECAY:-0}
 KIND=${1:?whole or patch}
 STEPS=${2:-9000}
 DATA=${3:-../shared/data}
@@ -19,6 +24,13 @@ case "$KIND" in
   *) echo "usage: $0 whole|patch [STEPS] [DATA]" >&2; exit 2 ;;
 esac
 out=training/ct-$KIND
+if [ "$DECAY" -gt 0 ]; then
+  from=$out; out=training/ct-$KIND-decay$DECAY
+  if [ ! -f "$out/checkpoint.safetensors" ] && [ ! -f "$out/resume.safetensors" ]; then
+    state=checkpoint; [ -f "$from/checkpoint.safetensors" ] || state=resume  # full local state, else the compact one
+    mkdir -p "$out" && cp "$from/$state".{safetensors,json} "$from"/train.csv "$from"/val.csv "$out"/
+  fi
+fi
 resume=""; { [ -f "$out/checkpoint.safetensors" ] || [ -f "$out/resume.safetensors" ]; } && resume="--resume"
 exec .venv/bin/python -m mediff train --data "$DATA/ct_tcga/ct_hu_512.npz" --out "$out" --size 128 --batch 16 \
-  --steps "$STEPS" --val-subjects 8 --val-every 200 --intensity hu --position "${extra[@]}" --no-progress $resume
+  --steps "$STEPS" --val-subjects 8 --val-every 200 --intensity hu --position "${extra[@]}" --no-progress --decay-steps "$DECAY" $resume
