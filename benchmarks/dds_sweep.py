@@ -7,6 +7,7 @@ and TV, on the same slices, seeds and masks, on four operators: CT at 60 views a
 single-coil and 8-coil (``--mri-model`` brain-t1, evaluation subjects as in ``mri.py``). Seconds
 and time / (NFE x one batch-1 forward, timed next to every slice) show what the CG steps cost.
 This is how the shipped DDS settings were chosen (eta: ``--etas 0,0.5,0.85,1 --cg 5,10,20``).
+``--samples K`` scores the mean of K posterior samples per slice (one batch of K).
 
     python benchmarks/dds_sweep.py --data ../shared/data --ct-slices 4 --mri-slices 8
 """
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--etas", default="1", help="comma-separated DDIM noise renewals")
     ap.add_argument("--cg", default="5,10,20,40", help="comma-separated CG steps per update")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--samples", type=int, default=1, help="posterior samples per slice (scored: their mean)")
+    ap.add_argument("--ct-tasks", default=",".join(CT_SWEEP_TASKS), help="comma-separated CT tasks of ct.py")
     ap.add_argument("--name", default="dds_sweep")
     args = ap.parse_args()
     variants = {f"dds eta={float(e):g} cg={int(k)}": SolverSpec("ddim", "prox", cg_iters=int(k), eta=float(e))
@@ -56,10 +59,10 @@ def main() -> None:
         lam_file = RESULTS / "ct_lambda.json"
         ct_lams = json.loads(lam_file.read_text())["lambda"] if lam_file.exists() else {}
         slices = load_slices(args.data / "ct_tcga", sorted(ct.meta["data"]["val_subjects"]), args.ct_slices)
-        for name in CT_SWEEP_TASKS:
+        for name in [t for t in args.ct_tasks.split(",") if t]:
             tasks = [make_task(hu, px, ct.image_size, CT_TASKS[name], i, hu_range)
                      for i, (_, hu, px) in enumerate(slices)]
-            rows += _rows(f"CT {name}", tasks, methods, ct, args.steps, {"tv": ct_lams.get(name, 1e-4)})
+            rows += _rows(f"CT {name}", tasks, methods, ct, args.steps, {"tv": ct_lams.get(name, 1e-4)}, args.samples)
 
     if args.mri_slices:
         mri = load_prior(args.mri_model)
@@ -69,20 +72,24 @@ def main() -> None:
                                  sorted(mri.meta["data"]["val_subjects"])[5:], args.mri_slices)
         for coils in MRI_COILS:
             tasks = [simulate_task(im, 4.0, seed=i, coils=coils) for i, im in enumerate(imgs)]
-            rows += _rows(f"MRI x4 {coils}-coil", tasks, methods, mri, args.steps, mri_lam)
+            rows += _rows(f"MRI x4 {coils}-coil", tasks, methods, mri, args.steps, mri_lam, args.samples)
     write_table(args.name, rows, {**machine(), "ct_model": args.ct_model, "mri_model": args.mri_model,
                                   "ct_slices": args.ct_slices, "mri_slices": args.mri_slices, "steps": args.steps,
+                                  "samples": args.samples,
                                   "shipped_dds": {"cg_iters": SOLVERS["dds"].cg_iters, "eta": SOLVERS["dds"].eta,
                                                   "single_coil_mri_cg_iters": "recon.dds_cg_iters"}})
 
 
-def _rows(task_name: str, tasks: list, methods: list[str], prior, steps: int, lams: dict) -> list[dict]:
+def _rows(task_name: str, tasks: list, methods: list[str], prior, steps: int, lams: dict,
+          samples: int) -> list[dict]:
     acc: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
     for i, task in enumerate(tasks):
         fwd = forward_seconds(prior)
         for m in methods:
-            r = run_solver(task, m, prior, steps, seed=i, lam=lams.get(m))
-            acc[m].append((score(task, r.mean)["PSNR"], r.seconds, r.seconds / (r.nfe * fwd) if r.nfe else np.nan))
+            k = 1 if m == "tv" else samples
+            r = run_solver(task, m, prior, steps, seed=i, samples=k, lam=lams.get(m))
+            # K samples run as one batch of K: their time is over K x NFE batch-1 forwards
+            acc[m].append((score(task, r.mean)["PSNR"], r.seconds, r.seconds / (k * r.nfe * fwd) if r.nfe else np.nan))
         print(f"{task_name} slice {i + 1}/{len(tasks)}: " + "  ".join(f"{m} {acc[m][-1][0]:.2f}" for m in methods),
               flush=True)
     rows = []
