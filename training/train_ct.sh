@@ -25,11 +25,8 @@ case "$KIND" in
 esac
 out=training/ct-$KIND
 if [ "$DECAY" -gt 0 ]; then
-  from=$out; out=training/ct-$KIND-decay$DECAY
-  if [ ! -f "$out/checkpoint.safetensors" ] && [ ! -f "$out/resume.safetensors" ]; then
-    state=checkpoint; [ -f "$from/checkpoint.safetensors" ] || state=resume  # full local state, else the compact one
-    mkdir -p "$out" && cp "$from/$state".{safetensors,json} "$from"/train.csv "$from"/val.csv "$out"/
-  fi
+  source training/decay_copy.sh
+  decay_copy "$out" "$out-decay$DECAY"; out=$out-decay$DECAY
 fi
 resume=""; { [ -f "$out/checkpoint.safetensors" ] || [ -f "$out/resume.safetensors" ]; } && resume="--resume"
 exec .venv/bin/python -m mediff train --data "$DATA/ct_tcga/ct_hu_512.npz" --out "$out" --size 128 --batch 16 \
