@@ -240,6 +240,56 @@ def test_sample_bad_options(tiny_run: Path, tmp_path: Path, args: tuple, needle:
     assert not (tmp_path / "s").exists()
 
 
+@pytest.fixture(scope="session")
+def tiny_guide(tiny_run: Path) -> Path:
+    """A stand-in for a weaker model of the same data: the tiny prior with its output layer (zero at
+    initialisation, still near zero after 3 steps) set to random weights, so its predictions differ."""
+    import torch
+
+    from mediff.checkpoint import load_checkpoint, save_checkpoint
+
+    tensors, meta = load_checkpoint(tiny_run / "prior.safetensors")
+    w = tensors["net.out.weight"]
+    tensors["net.out.weight"] = 0.3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)).to(w.dtype)
+    save_checkpoint(tiny_run.parent / "guide.safetensors", tensors, {**meta, "step": 1})
+    return tiny_run.parent / "guide.safetensors"
+
+
+def test_sample_with_autoguidance(tiny_run: Path, tiny_guide: Path, tmp_path: Path) -> None:
+    from mediff.prior import attach_guide
+
+    ckpt = tiny_run / "checkpoint.safetensors"
+    assert sample(ckpt, tmp_path / "plain")[0] == 0
+    plain = npz_images(tmp_path / "plain")
+    # A model guiding itself: D + w (D - D) = D, bit for bit.
+    assert sample(ckpt, tmp_path / "self", "--guide", ckpt, "--autoguidance", 3)[0] == 0
+    np.testing.assert_array_equal(npz_images(tmp_path / "self"), plain)
+    code, _, err = sample(ckpt, tmp_path / "g", "--guide", tiny_guide, "--autoguidance", 2)
+    assert code == 0, err
+    guided = npz_images(tmp_path / "g")
+    assert np.isfinite(guided).all() and not np.allclose(guided, plain, atol=1e-3)
+    auto = json.loads((tmp_path / "g" / "samples.json").read_text())["autoguidance"]
+    assert auto["weight"] == 2 and auto["guide_step"] == 1
+    # A prior file that ships its guide samples guided by default, and plainly with --autoguidance 1.
+    attach_guide(ckpt, tiny_guide, 2.0, tmp_path / "with_guide.safetensors")
+    assert sample(tmp_path / "with_guide.safetensors", tmp_path / "d")[0] == 0
+    np.testing.assert_array_equal(npz_images(tmp_path / "d"), guided)
+    assert sample(tmp_path / "with_guide.safetensors", tmp_path / "off", "--autoguidance", 1)[0] == 0
+    np.testing.assert_array_equal(npz_images(tmp_path / "off"), plain)
+    assert json.loads((tmp_path / "off" / "samples.json").read_text())["autoguidance"] is None
+
+
+@pytest.mark.parametrize("case, needle", [("no guide", "ships no guide"), ("no weight", "needs --autoguidance"),
+                                          ("other data", "does not match")])
+def test_sample_autoguidance_errors(tiny_run: Path, tiny_guide: Path, tmp_path: Path, case: str,
+                                    needle: str) -> None:
+    args = {"no guide": ("--autoguidance", 2), "no weight": ("--guide", tiny_guide),
+            "other data": ("--guide", "ct", "--autoguidance", 2)}[case]
+    code, _, err = sample(tiny_run / "checkpoint.safetensors", tmp_path / "s", *args)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "s").exists()
+
+
 def test_sample_missing_model(tmp_path: Path) -> None:
     code, _, err = sample(tmp_path / "nope.safetensors", tmp_path / "s")
     assert_one_line_error(code, err, "no prior")

@@ -1,4 +1,4 @@
-"""Denoiser wrappers: the Gaussian oracle, EDM preconditioning, the eps adapter and CFG."""
+"""Denoiser wrappers: the Gaussian oracle, EDM preconditioning, the eps adapter, CFG and autoguidance."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from mediff.denoiser import (CFGDenoiser, EDMPrecond, EpsAdapter, GaussianDenoiser, edm_sigma_range,
-                             linear_beta_alphas_cumprod)
+from mediff.denoiser import (AutoGuidedDenoiser, CFGDenoiser, EDMPrecond, EpsAdapter, GaussianDenoiser,
+                             edm_sigma_range, linear_beta_alphas_cumprod)
+from mediff.samplers import sample_heun
+from mediff.schedules import karras
 
 MU, S = 0.3, 0.5
 F64 = torch.float64
@@ -272,3 +274,37 @@ def test_cfg_denoiser():
     assert torch.allclose(CFGDenoiser(_CondModel(), cond, 0.0)(x, sigma), u, atol=1e-12)
     assert torch.allclose(CFGDenoiser(_CondModel(), cond, 2.0)(x, sigma), 2 * c - u, atol=1e-12)
     assert torch.allclose(CFGDenoiser(_CondModel(), cond, 3.5)(x, sigma), u + 3.5 * (c - u), atol=1e-12)
+
+
+# ---------------------------------------------------------------- AutoGuidedDenoiser
+
+
+def test_autoguided_denoiser_extrapolates_and_skips_the_guide_at_weight_one():
+    x = torch.randn(3, 2, 2, generator=_gen(10), dtype=F64)
+    sigma = torch.tensor([0.1, 1.0, 5.0], dtype=F64)
+    good, bad = GaussianDenoiser(MU, S), GaussianDenoiser(-0.2, 2 * S)
+    for w in (0.0, 2.0, 3.5):
+        want = bad(x, sigma) + w * (good(x, sigma) - bad(x, sigma))
+        assert torch.allclose(AutoGuidedDenoiser(good, bad, w)(x, sigma), want, atol=1e-12)
+
+    def never(x, sigma):
+        raise AssertionError("w = 1 must not call the guide")
+
+    assert torch.equal(AutoGuidedDenoiser(good, never, 1.0)(x, sigma), good(x, sigma))
+
+
+@pytest.mark.parametrize("w", [1.0, 2.0, 3.0])
+def test_autoguidance_of_gaussians_ends_at_the_closed_form_std(w: float):
+    """Good model N(MU, S^2), guide N(MU, B^2): the guided denoiser is affine, D_w = MU + a(sigma) (x - MU)
+    with a = w S^2/(S^2+sigma^2) + (1-w) B^2/(B^2+sigma^2), so the probability-flow ODE
+    dx/dsigma = (x - D_w)/sigma scales x - MU by exp(-int_0^sigma_max (1-a)/sigma dsigma)
+    = ((S^2+M^2)/S^2)^(-w/2) ((B^2+M^2)/B^2)^(-(1-w)/2), M = sigma_max: for large M the samples' std
+    S^w B^(1-w) narrows geometrically below the good model's S as w grows. Heun (256 steps) must land on it."""
+    b, m = 2 * S, 80.0
+    sigmas = karras(256, 0.002, m).to(F64)
+    start = torch.full((2, 1, 2, 2), m, dtype=F64)  # x_T - MU: the ODE is linear, so one point suffices
+    den = AutoGuidedDenoiser(GaussianDenoiser(MU, S), GaussianDenoiser(MU, b), w)
+    end = sample_heun(den, MU + start, sigmas) - MU
+    factor = ((S**2 + m**2) / S**2) ** (-w / 2) * ((b**2 + m**2) / b**2) ** (-(1 - w) / 2)
+    assert torch.allclose(end / start, torch.full_like(end, factor), rtol=2e-3)
+    assert factor * m == pytest.approx(S**w * b ** (1 - w), rel=1e-3)

@@ -1,8 +1,12 @@
 """Ship a trained prior: copy a run's EMA weights into the package, write its model card, and write
 the run's compact resumable state (``resume.safetensors``, the file version control keeps).
 
-    python training/ship_prior.py training/brain-t1 brain-t1
+    python training/ship_prior.py training/brain-t1 brain-t1 [--guide FILE --guide-weight W]
     python training/ship_prior.py training/ct-whole ct
+
+``--guide`` stores a weaker model of the same data (a prior file or checkpoint, e.g. an earlier
+shipped version; the built-in name reads the currently shipped weights before they are replaced) in
+the shipped file for autoguidance, with ``--guide-weight`` as the default sampling weight.
 
 Every number in the card comes from the run's metadata, its validation log (val.csv) and the
 benchmark results: benchmarks/results/denoise.json for brain-t1
@@ -12,6 +16,7 @@ benchmarks/results/ct_prior.json for ct (python benchmarks/ct_prior.py ...).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import shutil
@@ -21,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from mediff.checkpoint import load_checkpoint  # noqa: E402
+from mediff.prior import attach_guide  # noqa: E402
 from mediff.train import compact_checkpoint  # noqa: E402
 
 CARDS = {
@@ -29,9 +36,10 @@ CARDS = {
                 "Hospital Philips 3T, 2 mm isotropic",
         "license": "CC BY-SA 3.0 (weights are derived from IXI and shared under the same license; credit \"IXI "
                    "dataset, Imperial College London\")",
-        "command": "training/train_brain_t1.sh  # = mediff train --data ../shared/data/ixi_t1/ixi_t1_axial_128.npz "
-                   "--covariates ../shared/data/ixi_t1/participants.csv --out training/brain-t1 --size 128 "
-                   "--batch 16 --steps 100000 --val-subjects 20 [--resume]",
+        "command": "{env}training/train_brain_t1.sh  # = mediff train "
+                   "--data ../shared/data/ixi_t1/ixi_t1_axial_128.npz "
+                   "--covariates ../shared/data/ixi_t1/participants.csv --out training/{run} --size 128 "
+                   "--batch 16 --steps {steps} --val-subjects 20 --decay-steps {decay} [--resume]",
         "what": "axial brain T1 slices",
         "use": "Research use: synthesis of brain T1 slices and as the prior of MRI reconstruction. Trained on one site "
                "(Philips 3T, healthy adults); not validated for diagnosis, pathology, other contrasts or paediatric "
@@ -41,7 +49,8 @@ CARDS = {
         "data": "The Cancer Imaging Archive (TCIA), TCGA-LUAD collection: 77 chest/abdomen/pelvis CT slices in HU "
                 "of 42 patients (one slice per series), downsampled to 128 px",
         "license": "CC BY 3.0 (credit \"The Cancer Imaging Archive (TCIA), TCGA-LUAD\")",
-        "command": "training/train_ct.sh {kind} {steps}  # = mediff train --data ../shared/data/ct_tcga/ct_hu_512.npz "
+        "command": "{env}training/train_ct.sh {kind} {steps}  # = mediff train "
+                   "--data ../shared/data/ct_tcga/ct_hu_512.npz "
                    "--out training/ct-{kind} --size 128 --batch 16 --steps {steps} --val-subjects 8 --val-every 200 "
                    "--intensity hu --position{patch} [--resume]",
         "what": "axial CT slices",
@@ -102,12 +111,43 @@ def benchmark_lines(name: str, run: Path, meta: dict) -> list[str]:
     return []
 
 
-def main(run: Path, name: str) -> None:
+def guide_lines(meta: dict) -> list[str]:
+    """The card's autoguidance section: the guide model and, if run on these weights, the benchmark."""
+    g = meta["guide"]
+    lines = ["## Autoguidance (sampling)", "",
+             f"The file also holds a guide model: this prior's own run at step {g['step']} ({g['images_seen']} "
+             f"images seen; LeanUNet {g['net']['channels']} channels). `mediff sample` draws from "
+             f"D_guide + w (D - D_guide) with w = {g['weight']:g} by default (autoguidance, Karras et al. 2024, "
+             "arXiv 2406.02507): the better-trained model's improvements over the weaker one are amplified, which "
+             "removes the speckle and blur the prior alone leaves in samples. `--autoguidance 1` samples the prior "
+             "alone; reconstruction always uses the prior alone.", ""]
+    res = ROOT / "benchmarks" / "results" / "autoguidance.json"
+    if res.exists():
+        d = json.loads(res.read_text())
+        if d["meta"]["step"] == meta["step"] and d["meta"]["guide_step"] == g["step"]:
+            keys = [k for k in d["rows"][0] if k not in ("s_per_image",)]
+            lines += ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
+            lines += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
+                      for r in d["rows"]]
+            m = d["meta"]
+            lines += ["", f"`python benchmarks/autoguidance.py --n {m['n']}` ({m['n']} samples per row, {m['sampler']} "
+                          f"{m['steps']} steps, seed {m['seed']}, against real slices of the held-out subjects; "
+                          "spectral distances in mean |log10 power difference|, intensity W1 in normalised units: "
+                          "lower is closer to real; foreground_frac: mean fraction of pixels > 0.05). The shipped "
+                          "weight is the one these distances favour.", ""]
+    return lines
+
+
+def main(run: Path, name: str, guide: str | None, guide_weight: float) -> None:
     weights = ROOT / "src" / "mediff" / "weights"
     weights.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run / "prior.safetensors", weights / f"{name}.safetensors")
+    if guide is None:
+        shutil.copyfile(run / "prior.safetensors", weights / f"{name}.safetensors")
+    else:  # reads both files before it replaces the shipped one, so --guide NAME may be the shipped prior
+        attach_guide(run / "prior.safetensors", guide, guide_weight, weights / f"{name}.safetensors")
+        (weights / f"{name}.json").unlink(missing_ok=True)  # the sidecar is for runs, not for the package
     compact = compact_checkpoint(run)
-    meta = json.loads((run / "prior.json").read_text())
+    meta = load_checkpoint(weights / f"{name}.safetensors")[1]
     val = list(csv.DictReader(open(run / "val.csv"))) if (run / "val.csv").exists() else []
     last = [r for r in val if r["step"] == val[-1]["step"]] if val else []
     card = CARDS[name]
@@ -115,11 +155,27 @@ def main(run: Path, name: str) -> None:
     patch = "" if not meta["train"].get("patch_sizes") else \
         f" --patch-sizes {','.join(map(str, meta['train']['patch_sizes']))} --full-prob {meta['train']['full_prob']}"
     size_mb = (weights / f"{name}.safetensors").stat().st_size / 1e6
+    steps, decay = meta["train"]["steps"], meta["train"].get("decay_steps", 0)
+    env = f"STEPS={steps} DECAY={decay} " if decay and name == "brain-t1" else f"DECAY={decay} " if decay else ""
+    command = card["command"].format(kind=kind, patch=patch, steps=steps, decay=decay, env=env, run=run.name)
+    base = run.name.split("-decay")[0]
+    schedule = (f"- Learning rate: constant to step {steps - decay} (run `training/{base}`), then falling linearly "
+                f"to 0 over the last {decay} steps on a copy of that run's state (`training/{run.name}`)."
+                if decay else "- Learning rate: warm-up, then constant.")
+    kept = ROOT / "training" / base / compact.name
+    kept_step = json.loads(kept.with_suffix(".json").read_text())["step"] if kept.exists() else "?"
+    resumable = (f"- Resumable state: `training/{base}/{compact.name}` (compact: 16-bit weights and Adam second "
+                 f"moments), the constant-rate run at step {kept_step}; `" + command.split("  #")[0].removeprefix(env)
+                 + "` continues it, the command above finishes it with a decay again."
+                 if decay else
+                 f"- Resumable state: `training/{run.name}/{compact.name}` (compact: 16-bit weights and Adam second "
+                 "moments); the script above continues from it.")
     net = meta["net"]
     lines = [f"# Model card: `{name}`", "",
              f"A 2D diffusion prior (EDM preconditioning, LeanUNet {net['channels']} channels"
              + (", pixel coordinates as 2 extra inputs" if net.get("pos_channels") else "")
-             + f", {size_mb:.1f} MB fp16 EMA weights) of {meta['image_size']}-px {card['what']}, {units(meta)}.", "",
+             + f", {size_mb:.1f} MB fp16 EMA weights" + (", guide model included" if "guide" in meta else "")
+             + f") of {meta['image_size']}-px {card['what']}, {units(meta)}.", "",
              "## Data and license", f"- Data: {card['data']}.", f"- License: {card['license']}.",
              f"- Training slices: {meta['data']['n_train_slices']}; validation slices: {meta['data']['n_val_slices']} "
              f"from {len(meta['data']['val_subjects'])} held-out subjects (split by subject): "
@@ -127,19 +183,20 @@ def main(run: Path, name: str) -> None:
              f"- Data fingerprint: `{meta['data']['fingerprint']}`.",
              "- Covariates: " + (", ".join(meta["covariates"]["columns"]) + " (classifier-free guidance, 10 % dropout)"
                                  if meta.get("covariates") else "none"), "",
-             "## Training", f"- Command: `{card['command'].format(kind=kind, patch=patch, steps=meta['train']['steps'])}`",
+             "## Training", f"- Command: `{command}`", schedule,
              f"- Steps: {meta['step']}; images seen: {meta['images_seen']}; wall time: {meta['wall_seconds'] / 3600:.2f} h "
              f"(2-core CPU, torch {meta['torch']}).",
              f"- sigma_data {meta['sigma_data']:.4f}, data mean {meta['data_mean']:.4f}, sigma range "
              f"[{meta['sigma_min']:.4g}, {meta['sigma_max']:.4g}].",
-             f"- Resumable state: `training/{run.name}/{compact.name}` (compact: 16-bit weights and Adam second "
-             "moments); the script above continues from it.", ""]
+             resumable, ""]
     if last:
         lines += ["## Validation denoising (EMA, held-out subjects, normalised units)", "",
                   "| sigma | MSE | PSNR (dB) |", "|---|---|---|"]
         lines += [f"| {r['sigma']} | {float(r['mse']):.5f} | {float(r['psnr']):.2f} |" for r in last]
         lines += ["", f"Logged at step {last[0]['step']} by the training loop (`{run.name}/val.csv`, plot `val.png`).", ""]
     lines += benchmark_lines(name, run, meta)
+    if "guide" in meta:
+        lines += guide_lines(meta)
     lines += ["## Intended use and limits", card["use"]]
     (weights / f"{name}.md").write_text("\n".join(lines) + "\n")
     print(f"shipped {name}: step {meta['step']}, {size_mb:.1f} MB; resumable state {compact} "
@@ -147,4 +204,10 @@ def main(run: Path, name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("name", choices=sorted(CARDS))
+    ap.add_argument("--guide", help="guide model for autoguidance: a prior file, checkpoint or built-in name")
+    ap.add_argument("--guide-weight", type=float, default=2.0)
+    args = ap.parse_args()
+    main(args.run, args.name, args.guide, args.guide_weight)

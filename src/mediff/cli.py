@@ -140,6 +140,11 @@ def sample(
     age: Optional[float] = typer.Option(None, help="Condition on age (years), if the prior knows it."),
     sex: Optional[str] = typer.Option(None, help="Condition on sex (M/F), if the prior knows it."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance weight (1 = plain conditional)."),
+    autoguidance: Optional[float] = typer.Option(
+        None, metavar="W", help="Autoguidance weight: D_guide + W (D - D_guide) (arXiv 2406.02507); default: the "
+        "weight the prior ships with its guide model, 1 = off."),
+    guide: Optional[str] = typer.Option(None, metavar="NAME|PATH", help="Guide model for autoguidance: a weaker "
+                                        "version of --model (e.g. an earlier checkpoint of its run)."),
     dicom: bool = typer.Option(False, "--dicom", help="Also write a DICOM series."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
@@ -148,7 +153,7 @@ def sample(
 
     check_output(out, overwrite)
     images, meta = sample_images(model, n=n, steps=steps, sampler=sampler, seed=seed, age=age, sex=sex,
-                                 guidance=guidance)
+                                 guidance=guidance, autoguidance=autoguidance, guide=guide)
     with output_dir(out, overwrite) as tmp:
         write_samples(tmp, images, meta, dicom=dicom)
     console.print(f"[green]wrote[/] {n} samples to {out}")

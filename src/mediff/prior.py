@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mediff.checkpoint import load_checkpoint, split_prefix
+from mediff.checkpoint import load_checkpoint, prefixed, save_checkpoint, split_prefix
 from mediff.data import encode_row
-from mediff.denoiser import EDMPrecond
+from mediff.denoiser import AutoGuidedDenoiser, CFGDenoiser, Denoiser, EDMPrecond
 from mediff.errors import MediffError
 from mediff.io import Normalization, normalize
 from mediff.nets import LeanUNet, UNetConfig
@@ -30,11 +30,23 @@ def builtin_priors() -> dict[str, Path]:
     return {p.name[: -len(".safetensors")]: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".safetensors")}
 
 
-class Prior:
-    """A trained denoiser D(x, sigma[, cond]) with its metadata; callable as a ``Denoiser``."""
+# What a guide model needs to be rebuilt (stored under the prior's "guide" key); the rest of its
+# metadata (the data it models) must equal the prior's and is checked when it is attached.
+_GUIDE_KEYS = ("net", "sigma_data", "data_mean", "step", "images_seen")
+_DATA_KEYS = ("image_size", "normalization", "covariates")
 
-    def __init__(self, model: EDMPrecond, meta: dict, name: str) -> None:
+
+class Prior:
+    """A trained denoiser D(x, sigma[, cond]) with its metadata; callable as a ``Denoiser``.
+
+    ``guide``, if the file ships one, is a weaker version of the same model for autoguidance
+    (:class:`mediff.denoiser.AutoGuidedDenoiser`); ``meta["guide"]["weight"]`` is its default weight.
+    Reconstruction uses the prior alone.
+    """
+
+    def __init__(self, model: EDMPrecond, meta: dict, name: str, guide: "Prior | None" = None) -> None:
         self.model, self.meta, self.name = model.eval().requires_grad_(False), meta, name
+        self.guide = guide
 
     @property
     def sigma_min(self) -> float:
@@ -91,24 +103,91 @@ class Prior:
 
     def to(self, device: torch.device | str) -> "Prior":
         self.model.to(device)
+        if self.guide is not None:
+            self.guide.to(device)
         return self
 
+    def check_guide(self, guide: "Prior") -> None:
+        """MediffError unless ``guide`` models the same images (size, normalisation, covariates)."""
+        for key in _DATA_KEYS:
+            if self.meta.get(key) != guide.meta.get(key):
+                raise MediffError(f"guide {guide.name} does not match prior {self.name}: different {key} "
+                                  "(a guide is a weaker model of the same data)")
 
-def load_prior(name_or_path: str | Path, device: torch.device | str = "cpu") -> Prior:
-    """Load a built-in prior by name (``brain-t1``) or any mediff checkpoint path.
+    def autoguided(self, weight: float | None = None, guide: "Prior | None" = None,
+                   cond: Tensor | None = None, guidance: float = 1.0) -> tuple[Denoiser, float]:
+        """This prior as the denoiser to sample, guided by ``guide`` (default: the shipped one) with
+        ``weight`` (default: the shipped weight; 1 = no autoguidance), each side conditioned on
+        ``cond`` (n, K) with classifier-free guidance ``guidance``. Returns (denoiser, weight used)."""
+        guide = guide or self.guide
+        if weight is None:
+            weight = float(self.meta["guide"]["weight"]) if guide is not None and guide is self.guide else 1.0
+        good = _conditioned(self, cond, guidance)
+        if weight == 1.0:
+            return good, 1.0
+        if guide is None:
+            raise MediffError(f"prior {self.name} ships no guide model: autoguidance needs --guide NAME|PATH "
+                              "(a weaker version of it, e.g. an earlier checkpoint of the same run)")
+        self.check_guide(guide)
+        return AutoGuidedDenoiser(good, _conditioned(guide, cond, guidance), weight), weight
 
-    Training checkpoints (``checkpoint.safetensors``) load their EMA weights.
-    """
+
+def _conditioned(prior: Prior, cond: Tensor | None, guidance: float) -> Denoiser:
+    return prior if cond is None else CFGDenoiser(prior.model, cond.to(prior.device), guidance)
+
+
+def _weights(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model's weights in a prior file (no guide) or a training checkpoint (its EMA)."""
+    return split_prefix(tensors, "ema") or {k: v for k, v in tensors.items() if not k.startswith("guide.")}
+
+
+def _build(state: dict[str, Tensor], meta: dict) -> EDMPrecond:
+    model = EDMPrecond(LeanUNet(UNetConfig.from_dict(meta["net"])), meta["sigma_data"], meta["data_mean"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model
+
+
+def _resolve(name_or_path: str | Path) -> tuple[Path, dict[str, Path]]:
     builtin = builtin_priors()
     path = builtin.get(str(name_or_path), Path(name_or_path))
     if not path.exists():
         names = ", ".join(sorted(builtin)) or "none installed"
         raise MediffError(f"no prior {name_or_path!r}: not a file and not a built-in prior ({names})")
+    return path, builtin
+
+
+def _read(path: Path) -> tuple[dict[str, Tensor], dict]:
     tensors, meta = load_checkpoint(path)
     if meta.get("format") != "mediff-prior-v1":
         raise MediffError(f"{path} is not a mediff prior (format {meta.get('format')!r})")
-    state = split_prefix(tensors, "ema") or tensors
-    model = EDMPrecond(LeanUNet(UNetConfig.from_dict(meta["net"])), meta["sigma_data"], meta["data_mean"])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return tensors, meta
+
+
+def load_prior(name_or_path: str | Path, device: torch.device | str = "cpu") -> Prior:
+    """Load a built-in prior by name (``brain-t1``) or any mediff checkpoint path, with its guide
+    model if the file ships one.
+
+    Training checkpoints (``checkpoint.safetensors``) load their EMA weights.
+    """
+    path, builtin = _resolve(name_or_path)
+    tensors, meta = _read(path)
     name = str(name_or_path) if str(name_or_path) in builtin else path.stem
-    return Prior(model, meta, name).to(device)
+    guide = None
+    if "guide" in meta:
+        gmeta = {**{k: v for k, v in meta.items() if k != "guide"}, **meta["guide"]}
+        guide = Prior(_build(split_prefix(tensors, "guide"), gmeta), gmeta, f"{name}:guide@{gmeta['step']}")
+    return Prior(_build(_weights(tensors), meta), meta, name, guide).to(device)
+
+
+def attach_guide(prior: str | Path, guide: str | Path, weight: float, out: Path) -> None:
+    """Write ``out``: ``prior``'s weights with ``guide``'s as its autoguidance model and ``weight``
+    as the default guidance weight (both files are priors or training checkpoints of the same data;
+    tensors keep their stored dtypes)."""
+    (p_path, _), (g_path, _) = _resolve(prior), _resolve(guide)
+    (p_tensors, meta), (g_tensors, g_meta) = _read(p_path), _read(g_path)
+    g_meta = {k: g_meta.get(k) for k in _GUIDE_KEYS + _DATA_KEYS}
+    Prior(_build(_weights(p_tensors), meta), meta, p_path.stem).check_guide(
+        Prior(_build(_weights(g_tensors), {**meta, **g_meta}), g_meta, g_path.stem))
+    meta = {k: v for k, v in meta.items() if k != "guide"}
+    meta["guide"] = {**{k: g_meta[k] for k in _GUIDE_KEYS}, "weight": float(weight)}
+    save_checkpoint(out, {**_weights(p_tensors), **prefixed(_weights(g_tensors), "guide")}, meta)

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from mediff import io
-from mediff.denoiser import CFGDenoiser
 from mediff.errors import MediffError
 from mediff.prior import load_prior
 from mediff.samplers import SAMPLERS, nfe
@@ -36,13 +35,21 @@ def progress_callback(total: int, label: str):
 @torch.no_grad()
 def sample_images(model: str | Path, n: int = 16, steps: int = 50, sampler: str = "heun", seed: int = 0,
                   age: float | None = None, sex: str | None = None, guidance: float = 1.0,
+                  autoguidance: float | None = None, guide: str | Path | None = None,
                   batch: int = 16) -> tuple[Tensor, dict]:
-    """n images (n, 1, S, S) in the prior's normalised units, and a record of how they were made."""
+    """n images (n, 1, S, S) in the prior's normalised units, and a record of how they were made.
+
+    ``autoguidance`` is the weight of the guide model (``guide``, else the one the prior ships; None =
+    the shipped weight, 1 = off); ``guidance`` the classifier-free guidance weight of covariates.
+    """
     if sampler not in SAMPLERS:
         raise MediffError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     if n < 1 or steps < 1:
         raise MediffError("--n and --steps must be positive")
+    if guide is not None and autoguidance is None:
+        raise MediffError("--guide needs --autoguidance W (its weight; 1 = off)")
     prior = load_prior(model)
+    bad = load_prior(guide) if guide is not None else None
     cov = {k: v for k, v in (("Age", age), ("Sex", sex)) if v is not None}
     sigmas = karras(steps, prior.sigma_min, prior.sigma_max).float()
     gen = torch.Generator().manual_seed(seed)
@@ -51,14 +58,16 @@ def sample_images(model: str | Path, n: int = 16, steps: int = 50, sampler: str 
     with progress_callback(math.ceil(n / batch) * steps, f"sampling {n} images") as cb:
         for start in range(0, n, batch):
             b = min(batch, n - start)
-            cond = prior.covariates(b, **cov)
-            den = prior if cond is None else CFGDenoiser(prior.model, cond, guidance)
+            den, weight = prior.autoguided(autoguidance, bad, prior.covariates(b, **cov), guidance)
             x = torch.randn((b, 1, s, s), generator=gen) * sigmas[0]
             out.append(SAMPLERS[sampler](den, x, sigmas, generator=gen, callback=cb))
     norm = prior.meta["normalization"]
     units = "HU" if norm["kind"] == "hu_window" else "normalised (1 = 99.5th percentile)"
-    meta = {"model": prior.name, "sampler": sampler, "steps": steps, "nfe_per_image": nfe(sampler, steps),
-            "seed": seed, "covariates": cov, "guidance": guidance, "units": units, "normalization": norm}
+    used = bad or prior.guide
+    auto = None if weight == 1.0 else {"weight": weight, "guide": used.name, "guide_step": used.meta["step"]}
+    meta = {"model": prior.name, "step": prior.meta["step"], "sampler": sampler, "steps": steps,
+            "nfe_per_image": nfe(sampler, steps), "seed": seed, "covariates": cov, "guidance": guidance,
+            "autoguidance": auto, "units": units, "normalization": norm}
     return torch.cat(out).clamp_min(0), meta
 
 
