@@ -24,6 +24,15 @@ def test_brain_t1_ships_with_its_model_card() -> None:
     assert prior.meta["normalization"] == {"kind": "percentile", "percentile": 99.5}
     assert set(prior.meta["covariates"]["columns"]) == {"Age", "Sex"}
     assert prior.covariates(2, Age=60, Sex="F").shape == (2, prior.meta["covariates"]["dim"])
+    # It ships a weaker, earlier state of its own run for autoguidance, used by default when sampling.
+    assert prior.guide is not None and prior.guide.meta["step"] < prior.meta["step"]
+    assert "## Autoguidance" in card and "arXiv 2406.02507" in card
+    x, sigma = torch.rand(1, 1, 128, 128), torch.tensor([0.5])
+    den, w = prior.autoguided()
+    assert w == prior.meta["guide"]["weight"] > 1
+    with torch.no_grad():
+        want = prior.guide(x, sigma) + w * (prior(x, sigma) - prior.guide(x, sigma))
+        assert torch.allclose(den(x, sigma), want, atol=1e-5)
 
 
 def test_brain_t1_denoises_held_out_subjects(ixi_dir: Path) -> None:
