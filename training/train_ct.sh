@@ -11,7 +11,8 @@
 #
 # DECAY=N finishes the run with a learning rate falling linearly to 0 over its last N steps, on a copy
 # (training/ct-KIND-decayN, seeded from the constant-rate run's checkpoint; the constant-rate run stays
-# resumable). `ct` ships from DECAY=1400 training/train_ct.sh patch 7800 (the patch run at step 6400).
+# resumable). Tried: DECAY=1400 training/train_ct.sh patch 7800 (from step 6400) ended with lower
+# held-out validation PSNR than its start (training/ct-patch-decay1400/val.csv), so it was not shipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DECAY=${DECAY:-0}
