@@ -166,7 +166,7 @@ def main(run: Path, name: str, guide: str | None, guide_weight: float) -> None:
     kept_step = json.loads(kept.with_suffix(".json").read_text())["step"] if kept.exists() else "?"
     resumable = (f"- Resumable state: `training/{base}/{compact.name}` (compact: 16-bit weights and Adam second "
                  f"moments), the constant-rate run at step {kept_step}; `" + command.split("  #")[0].removeprefix(env)
-                 + "` continues it, the command above finishes it with a decay again."
+                 + "` continues it; `STEPS=S DECAY=N` before it finishes it with a decay on a copy again."
                  if decay else
                  f"- Resumable state: `training/{run.name}/{compact.name}` (compact: 16-bit weights and Adam second "
                  "moments); the script above continues from it.")
