@@ -109,10 +109,7 @@ class Prior:
 
     def check_guide(self, guide: "Prior") -> None:
         """MediffError unless ``guide`` models the same images (size, normalisation, covariates)."""
-        for key in _DATA_KEYS:
-            if self.meta.get(key) != guide.meta.get(key):
-                raise MediffError(f"guide {guide.name} does not match prior {self.name}: different {key} "
-                                  "(a guide is a weaker model of the same data)")
+        _check_same_data(self.meta, guide.meta, self.name, guide.name)
 
     def autoguided(self, weight: float | None = None, guide: "Prior | None" = None,
                    cond: Tensor | None = None, guidance: float = 1.0) -> tuple[Denoiser, float]:
@@ -130,6 +127,13 @@ class Prior:
                               "(a weaker version of it, e.g. an earlier checkpoint of the same run)")
         self.check_guide(guide)
         return AutoGuidedDenoiser(good, _conditioned(guide, cond, guidance), weight), weight
+
+
+def _check_same_data(meta: dict, guide_meta: dict, name: str, guide_name: str) -> None:
+    for key in _DATA_KEYS:
+        if meta.get(key) != guide_meta.get(key):
+            raise MediffError(f"guide {guide_name} does not match prior {name}: different {key} "
+                              "(a guide is a weaker model of the same data)")
 
 
 def _conditioned(prior: Prior, cond: Tensor | None, guidance: float) -> Denoiser:
@@ -185,9 +189,7 @@ def attach_guide(prior: str | Path, guide: str | Path, weight: float, out: Path)
     tensors keep their stored dtypes)."""
     (p_path, _), (g_path, _) = _resolve(prior), _resolve(guide)
     (p_tensors, meta), (g_tensors, g_meta) = _read(p_path), _read(g_path)
-    g_meta = {k: g_meta.get(k) for k in _GUIDE_KEYS + _DATA_KEYS}
-    Prior(_build(_weights(p_tensors), meta), meta, p_path.stem).check_guide(
-        Prior(_build(_weights(g_tensors), {**meta, **g_meta}), g_meta, g_path.stem))
+    _check_same_data(meta, g_meta, p_path.stem, g_path.stem)
     meta = {k: v for k, v in meta.items() if k != "guide"}
     meta["guide"] = {**{k: g_meta[k] for k in _GUIDE_KEYS}, "weight": float(weight)}
     save_checkpoint(out, {**_weights(p_tensors), **prefixed(_weights(g_tensors), "guide")}, meta)
