@@ -11,6 +11,7 @@ import torch
 from mediff.errors import MediffError
 from mediff.masks import equispaced_1d, make_mask, poisson_disc_2d, random_1d
 from mediff.mri import (
+    MagnitudeMRI,
     MultiCoilMRI,
     SingleCoilMRI,
     check_kspace,
@@ -121,6 +122,23 @@ def test_wrapped_operators_keep_the_fast_normal_exact() -> None:
     xc = _cplx(2, 1, 20, 24, seed=8)
     assert adjoint_check(crop, xc, _gen(9)) <= 1e-10
     assert torch.allclose(crop.normal(xc), crop.AH(crop.A(xc)), atol=1e-12)
+
+
+@pytest.mark.parametrize("columns", [True, False])
+def test_magnitude_mri_row_normal_is_exact(columns: bool) -> None:
+    """MagnitudeMRI's per-row normal matrices (1D mask, several coils) equal A^H A of the phase-modulated
+    SENSE operator in float64 for a batch of real images; a 2D mask keeps the FFT normal, same values."""
+    hw = (15, 21)
+    phase = torch.exp(1j * torch.rand(1, 1, *hw, generator=_gen(4), dtype=torch.float64))
+    op = MagnitudeMRI(MultiCoilMRI(_rand_mask(hw, columns=columns), _cplx(C, *hw, seed=5)), phase)
+    assert (op._gram is not None) == columns  # the matrices exist exactly when rows decouple
+    x = torch.randn(3, 1, *hw, dtype=torch.float64, generator=_gen(6))
+    assert adjoint_check(op, x, _gen(7)) <= 1e-10
+    assert torch.allclose(op.normal(x), op.AH(op.A(x)), atol=1e-12)
+    assert torch.allclose(op.normal(x[1:2]), op.AH(op.A(x[1:2])), atol=1e-12)
+    if columns:  # the matrices follow the image's dtype
+        assert op.normal(x.float()).dtype == torch.float32
+    assert MagnitudeMRI(SingleCoilMRI(_rand_mask(hw, columns=columns)), phase)._gram is None
 
 
 def test_multi_coil_full_mask_is_identity() -> None:

@@ -14,8 +14,8 @@ percentile of the zero-filled magnitude, known from the data alone, and undone o
 Phase: the priors model magnitude images. The complex image is written x * phase with the phase of
 a low-resolution image from the fully-sampled k-space centre (``mri.lowres_phase`` on the whole
 ``calib_region``: for 1D masks all rows of the centre columns, so the phase has full resolution along
-the rows), so solvers work on a real x through ``PhaseModulated``. Classical baselines reconstruct
-the complex image directly.
+the rows), so solvers work on a real x through ``mri.MagnitudeMRI`` (a ``PhaseModulated``).
+Classical baselines reconstruct the complex image directly.
 
 Noise: simulated k-space knows its noise (``--noise``); for measured k-space the noise std per complex
 entry is estimated from the outer k-space (``mri.estimate_noise_sigma``) and handed to the solvers.
@@ -39,9 +39,9 @@ from torch import Tensor
 from mediff import baselines, io, metrics
 from mediff.errors import MediffError
 from mediff.masks import make_mask
-from mediff.mri import MultiCoilMRI, SingleCoilMRI, check_kspace, estimate_coil_maps, estimate_noise_sigma, lowres_phase, \
+from mediff.mri import MagnitudeMRI, MultiCoilMRI, SingleCoilMRI, check_kspace, estimate_coil_maps, estimate_noise_sigma, lowres_phase, \
     sense_residual_sigma, simulate_coil_maps, simulate_kspace
-from mediff.operators.base import CenterCrop, LinearOperator, PhaseModulated, Weighted
+from mediff.operators.base import CenterCrop, LinearOperator, Weighted
 from mediff.solvers import SOLVERS, Problem, solve
 
 BASELINES = ("zero-filled", "tv", "l1wavelet")  # MRI baselines
@@ -442,7 +442,7 @@ def run_solver(task: Task, method: str, prior=None, steps: int = 50, seed: int =
     if prior is None:
         raise MediffError(f"solver {method} needs a prior (--model)")
     op, y = task.data()
-    op = op if task.phase is None else PhaseModulated(op, task.phase)
+    op = op if task.phase is None else MagnitudeMRI(op, task.phase)
     k = samples
     problem = Problem(op, y.expand(k, *y.shape[1:]), task.noise_sigma)
     gen = torch.Generator().manual_seed(seed)

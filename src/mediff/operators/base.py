@@ -205,11 +205,13 @@ def conjugate_gradient(
         ap = normal(p)
         denom = inner(p, ap).real
         ok = active & (denom > 0)
-        alpha = torch.where(ok, rs / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(rs))
-        x = x + alpha.view(shape).to(x.dtype) * p
-        r = r - alpha.view(shape).to(r.dtype) * ap
-        rs_new = inner(r, r).real
-        beta = torch.where(ok, rs_new / torch.where(ok, rs, torch.ones_like(rs)), torch.zeros_like(rs))
-        p = r + beta.view(shape).to(r.dtype) * p
-        rs = torch.where(ok, rs_new, torch.zeros_like(rs_new))
+        # An item that stopped (or met non-positive curvature) takes alpha = beta = 0 and rs = 0: frozen.
+        # Fused multiply-adds and scalar wheres: the loop runs inside every solver step, where each
+        # elementwise op on a 128-px image costs about as much as its arithmetic.
+        alpha = (torch.where(ok, rs, 0) / torch.where(ok, denom, 1)).view(shape).to(x.dtype)
+        x = torch.addcmul(x, alpha, p)
+        r = torch.addcmul(r, alpha, ap, value=-1)
+        rs_new = torch.where(ok, inner(r, r).real, 0)
+        p = torch.addcmul(r, (rs_new / torch.where(ok, rs, 1)).view(shape).to(r.dtype), p)
+        rs = rs_new
     return x
