@@ -40,6 +40,14 @@ LAMBDA_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # CT TV weights, relat
 N_TUNE_PATIENTS = 3
 
 
+def tuning_patients(all_ids: list[str], eval_ids: list[str], n: int) -> list[str]:
+    """The last ``n`` sorted patient ids outside the evaluation set: where weights and settings are
+    chosen (patients the prior trained on: the only other real CT slices there are)."""
+    ids = [p for p in sorted(all_ids) if p not in set(eval_ids)][-n:]
+    assert not set(ids) & set(eval_ids)
+    return ids
+
+
 def load_slices(data: Path, patients: list[str], n: int | None) -> list[tuple[str, np.ndarray, float]]:
     """Up to ``n`` (all if None) slices (patient, HU (512, 512), pixel mm) of ``patients``, one per
     patient in turn so the slices spread over patients."""
@@ -107,8 +115,7 @@ def main() -> None:
             raise SystemExit(f"none of the prior's validation subjects is a patient of {args.data}")
     else:
         eval_ids = all_ids[-10:]
-    tune_ids = [p for p in all_ids if p not in eval_ids][-N_TUNE_PATIENTS:]
-    assert not set(tune_ids) & set(eval_ids)
+    tune_ids = tuning_patients(all_ids, eval_ids, N_TUNE_PATIENTS)
     tasks = {k: TASKS[k] for k in args.tasks.split(",") if k}
     methods = list(CT_BASELINES) + ([s for s in args.solvers.split(",") if s] if prior is not None else [])
 

@@ -7,7 +7,9 @@ and TV, on the same slices, seeds and masks, on four operators: CT at 60 views a
 single-coil and 8-coil (``--mri-model`` brain-t1, evaluation subjects as in ``mri.py``). Seconds
 and time / (NFE x one batch-1 forward, timed next to every slice) show what the CG steps cost.
 This is how the shipped DDS settings were chosen (eta: ``--etas 0,0.5,0.85,1 --cg 5,10,20``).
-``--samples K`` scores the mean of K posterior samples per slice (one batch of K).
+``--samples K`` scores the mean of K posterior samples per slice (one batch of K). ``--tuning`` runs on
+the tuning data instead of the evaluation data: CT slices of the last ``--ct-slices`` training patients
+(one each, as ``ct.py`` tunes TV), MRI slices of the tuning subjects of ``mri.py``.
 
     python benchmarks/dds_sweep.py --data ../shared/data --ct-slices 4 --mri-slices 8
 """
@@ -22,8 +24,8 @@ import numpy as np
 
 from common import RESULTS, heldout_slices, machine, write_table
 from ct import TASKS as CT_TASKS
-from ct import load_slices, make_task
-from mri import forward_seconds
+from ct import load_slices, make_task, tuning_patients
+from mri import TUNE_SUBJECTS, forward_seconds
 from mediff.prior import load_prior
 from mediff.recon import DEFAULT_LAMBDA, run_solver, score, simulate_task
 from mediff.recon_ct import hu_window
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--samples", type=int, default=1, help="posterior samples per slice (scored: their mean)")
     ap.add_argument("--ct-tasks", default=",".join(CT_SWEEP_TASKS), help="comma-separated CT tasks of ct.py")
+    ap.add_argument("--tuning", action="store_true", help="tuning patients/subjects, not evaluation ones")
     ap.add_argument("--name", default="dds_sweep")
     args = ap.parse_args()
     variants = {f"dds eta={float(e):g} cg={int(k)}": SolverSpec("ddim", "prox", cg_iters=int(k), eta=float(e))
@@ -58,7 +61,11 @@ def main() -> None:
         hu_range = hu_window(ct.meta.get("normalization"), ct.name)
         lam_file = RESULTS / "ct_lambda.json"
         ct_lams = json.loads(lam_file.read_text())["lambda"] if lam_file.exists() else {}
-        slices = load_slices(args.data / "ct_tcga", sorted(ct.meta["data"]["val_subjects"]), args.ct_slices)
+        eval_ids = sorted(ct.meta["data"]["val_subjects"])
+        if args.tuning:
+            all_ids = np.load(args.data / "ct_tcga" / "ct_hu_512.npz")["patient_id"].astype(str).tolist()
+            eval_ids = tuning_patients(all_ids, eval_ids, args.ct_slices)
+        slices = load_slices(args.data / "ct_tcga", eval_ids, args.ct_slices)
         for name in [t for t in args.ct_tasks.split(",") if t]:
             tasks = [make_task(hu, px, ct.image_size, CT_TASKS[name], i, hu_range)
                      for i, (_, hu, px) in enumerate(slices)]
@@ -68,16 +75,23 @@ def main() -> None:
         mri = load_prior(args.mri_model)
         lam_file = RESULTS / "mri_lambda.json"
         mri_lam = json.loads(lam_file.read_text())["lambda"] if lam_file.exists() else DEFAULT_LAMBDA
-        imgs, _ = heldout_slices(args.data / "ixi_t1" / "ixi_t1_axial_128.npz",
-                                 sorted(mri.meta["data"]["val_subjects"])[5:], args.mri_slices)
+        subjects, seed = _mri_subjects(mri, args.tuning)
+        imgs, _ = heldout_slices(args.data / "ixi_t1" / "ixi_t1_axial_128.npz", subjects, args.mri_slices, seed)
         for coils in MRI_COILS:
             tasks = [simulate_task(im, 4.0, seed=i, coils=coils) for i, im in enumerate(imgs)]
             rows += _rows(f"MRI x4 {coils}-coil", tasks, methods, mri, args.steps, mri_lam, args.samples)
     write_table(args.name, rows, {**machine(), "ct_model": args.ct_model, "mri_model": args.mri_model,
                                   "ct_slices": args.ct_slices, "mri_slices": args.mri_slices, "steps": args.steps,
-                                  "samples": args.samples,
+                                  "samples": args.samples, "tuning": args.tuning,
                                   "shipped_dds": {"cg_iters": SOLVERS["dds"].cg_iters, "eta": SOLVERS["dds"].eta,
                                                   "single_coil_mri_cg_iters": "recon.dds_cg_iters"}})
+
+
+def _mri_subjects(prior, tuning: bool) -> tuple[list[str], int]:
+    """(subjects, seed) of ``heldout_slices``: mri.py's evaluation subjects, or its tuning ones (the
+    first TUNE_SUBJECTS validation subjects, drawn with mri.py's tuning seed)."""
+    val = sorted(prior.meta["data"]["val_subjects"])
+    return (val[:TUNE_SUBJECTS], 1) if tuning else (val[TUNE_SUBJECTS:], 0)
 
 
 def _rows(task_name: str, tasks: list, methods: list[str], prior, steps: int, lams: dict,

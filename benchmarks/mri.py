@@ -35,6 +35,7 @@ LAMBDA_GRID = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1)
 # collapse by 3000); the weight itself is chosen on the tuning subjects (--tune).
 DEEPINV_WEIGHT_GRID = (100.0, 300.0, 1000.0, 2000.0)
 EXTERNAL = ("deepinv-dps",)
+TUNE_SUBJECTS = 5  # the first validation subjects (sorted): tuning, never evaluation
 
 
 def forward_seconds(prior, reps: int = 5) -> float:
@@ -92,7 +93,7 @@ def main() -> None:
     ap.add_argument("--baselines", default=",".join(BASELINES))
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--tune", action="store_true", help="tune baseline weights on the tuning subjects and exit")
-    ap.add_argument("--tune-subjects", type=int, default=5)
+    ap.add_argument("--tune-subjects", type=int, default=TUNE_SUBJECTS)
     ap.add_argument("--tune-slices", type=int, default=8)
     ap.add_argument("--samples", type=int, default=1, help="posterior samples per slice (scored: their mean)")
     ap.add_argument("--name", default="mri")

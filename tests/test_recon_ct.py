@@ -24,6 +24,7 @@ import torch
 
 from mediff import io
 from mediff.errors import MediffError
+from mediff.recon import CT_DDS_CG_ITERS
 
 N = 64
 PX = 1.5  # mm
@@ -199,7 +200,7 @@ def test_ct_prior_dds(tiny_priors: dict[str, Path], files: dict[str, Path], tmp_
     assert_hu(load(out / "fbp.nii.gz"), bone=False)  # via the prior's 32 px grid: the 9 px insert blurs
     rec = json.loads((out / "metrics.json").read_text())
     assert rec["metrics"][0]["method"] == "dds" and rec["metrics"][0]["NFE"] > 0 and rec["problem"]["grid"] == 32
-    assert rec["cg_iters"] == 20  # CT's ill-conditioned normal operator (recon.dds_cg_iters)
+    assert rec["cg_iters"] == CT_DDS_CG_ITERS  # CT's ill-conditioned normal operator (recon.dds_cg_iters)
     assert "coverage90" in rec
 
 

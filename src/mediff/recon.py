@@ -408,18 +408,26 @@ def _baseline(task: Task, method: str, lam: float | None) -> Tensor:
     return fn(task.op, task.y, lam, iters=BASELINE_ITERS)
 
 
+# CG steps per DDS update on CT (``dds_cg_iters``); MRI uses SOLVERS['dds'] (8 coils) or 5 (one coil).
+CT_DDS_CG_ITERS = 40
+
+
 def dds_cg_iters(task: Task) -> int:
     """CG steps per DDS update for ``task``'s operator: as many as its conditioning needs.
 
-    Measured side by side by ``benchmarks/dds_sweep.py`` (held-out data, 50 NFE, eta = 1;
-    ``benchmarks/results/dds_cg_sweep.md``): the single-coil MRI normal operator is nearly a
-    projection (one eigenvalue cluster), so CG has converged by 5 steps (x4: 26.86 dB, 20 steps
-    26.94). The 8-coil SENSE and CT normal operators have spread spectra: 8 coils x4 gains 1.2 dB
-    from 5 to 20 steps (40: -0.4), CT from 10 to 20 +0.3 dB at 60 views and +2.1 dB at low dose (40:
-    +0.3 more at 1.7x the time). A CG step costs about 1/20 (8 coils) to 1/8 (CT) of a forward.
+    Measured side by side by ``benchmarks/dds_sweep.py`` (50 NFE, eta = 1): the single-coil MRI normal
+    operator is nearly a projection (one eigenvalue cluster), so CG has converged by 5 steps (x4:
+    26.86 dB, 20 steps 26.94; ``benchmarks/results/dds_cg_sweep.md``). The 8-coil SENSE normal operator
+    has a spread spectrum: 5 -> 20 steps gains 1.2 dB at x4, more does not help (tuning subjects, 8
+    slices: 10 / 15 / 20 / 30 steps 35.25 / 35.41 / 35.39 / 35.16 dB; ``dds_mri_cg_tuning.md``). CT's
+    keeps gaining (6 slices of tuning patients, ``dds_ct_cg_tuning.md``: 20 / 40 / 60 steps give
+    37.29 / 37.63 / 37.77 dB at 60 views and 32.79 / 33.68 / 33.81 at low dose; the mean of 8 samples
+    at 60 views 39.50 / 39.86 for 20 / 40, ``dds_ct60_k8_tuning.md``): 40, at 1.7x the time of 20 (a CG
+    step costs about 1/5 of a forward there), 60 adding 0.13 dB for another 1.35x.
     """
-    single_coil_mri = task.kind == "mri" and task.y.shape[1] == 1
-    return 5 if single_coil_mri else SOLVERS["dds"].cg_iters
+    if task.kind == "ct":
+        return CT_DDS_CG_ITERS
+    return 5 if task.y.shape[1] == 1 else SOLVERS["dds"].cg_iters
 
 
 def solver_cg_iters(task: Task, method: str) -> int:

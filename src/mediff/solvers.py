@@ -194,8 +194,8 @@ SOLVERS: dict[str, SolverSpec] = {
     # DDS: DDIM with noise renewal eta and a few CG steps. The paper's scripts use eta = 0.85; measured
     # by benchmarks/dds_sweep.py (CT 60 views, 2 held-out slices; MRI x4, 6 held-out slices), eta = 1
     # is +0.5 dB over 0.85 on both and +1.8 (CT) / +1.6 (MRI) over the deterministic eta = 0. The CG
-    # count suits ill-conditioned operators (CT, multi-coil MRI); recon.dds_cg_iters lowers it to 5
-    # where the normal operator is nearly a projection (single-coil MRI).
+    # count suits multi-coil MRI; recon.dds_cg_iters sets it per operator (5 single-coil MRI, whose
+    # normal operator is nearly a projection; 40 CT, whose spectrum is spread).
     "dds": SolverSpec("ddim", "prox", cg_iters=20, eta=1.0),
     "ddnm": SolverSpec("ddpm", "prox", cg_iters=50),
     "dps": SolverSpec("ddpm", "grad", cg_iters=50, backward=True),
