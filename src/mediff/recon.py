@@ -39,8 +39,8 @@ from torch import Tensor
 from mediff import baselines, io, metrics
 from mediff.errors import MediffError
 from mediff.masks import make_mask
-from mediff.mri import MagnitudeMRI, MultiCoilMRI, SingleCoilMRI, check_kspace, estimate_coil_maps, estimate_noise_sigma, lowres_phase, \
-    sense_residual_sigma, simulate_coil_maps, simulate_kspace
+from mediff.mri import MagnitudeMRI, MultiCoilMRI, SingleCoilMRI, check_kspace, estimate_coil_maps, estimate_noise_sigma, \
+    lowres_phase, sense_residual_sigma, simulate_coil_maps, simulate_kspace
 from mediff.operators.base import CenterCrop, LinearOperator, Weighted
 from mediff.solvers import SOLVERS, Problem, solve
 

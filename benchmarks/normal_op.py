@@ -1,0 +1,88 @@
+"""Multi-coil A^H A side by side: the FFT normal operator vs ``mri.MagnitudeMRI``'s per-row matrices.
+
+On slices of the tuning subjects of ``mri.py`` (8 simulated coils, ESPIRiT maps, 1D random mask with an
+8 % centre), one run times each variant's ``normal`` (median ms per call at batch 1) and a whole solve
+(``--solvers``, 50 NFE, seed per slice), and scores both solves, so the PSNR shows the two are the same
+operator. ``time_over_NFE_x_forward`` as in ``mri.py`` (one batch-1 forward timed next to every slice).
+
+    cd benchmarks && python normal_op.py --data ../../shared/data --n 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import heldout_slices, machine, write_table
+from mri import TUNE_SUBJECTS, forward_seconds
+from mediff.mri import MagnitudeMRI
+from mediff.operators.base import PhaseModulated
+from mediff.prior import load_prior
+from mediff.recon import score, simulate_task, solver_cg_iters
+from mediff.solvers import Problem, solve
+
+VARIANTS = {"fft": PhaseModulated, "row matrices": MagnitudeMRI}
+
+
+def median_ms(f, reps: int = 50) -> float:
+    f()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--model", default="brain-t1")
+    ap.add_argument("--n", type=int, default=4, help="slices")
+    ap.add_argument("--accels", default="4,8")
+    ap.add_argument("--coils", type=int, default=8)
+    ap.add_argument("--solvers", default="dds,ddnm,dps")
+    ap.add_argument("--name", default="normal_op")
+    args = ap.parse_args()
+    prior = load_prior(args.model)
+    subjects = sorted(prior.meta["data"]["val_subjects"])[:TUNE_SUBJECTS]
+    imgs, _ = heldout_slices(args.data / "ixi_t1" / "ixi_t1_axial_128.npz", subjects, args.n, seed=1)
+    rows = []
+    for accel in (float(a) for a in args.accels.split(",")):
+        acc: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        for i, img in enumerate(imgs):
+            task = simulate_task(img, accel, coils=args.coils, seed=i)
+            fwd = forward_seconds(prior)
+            x1 = torch.randn(1, 1, *task.shape, generator=torch.Generator().manual_seed(i))
+            for variant, cls in VARIANTS.items():
+                op = cls(task.op, task.phase)
+                acc.setdefault((variant, "normal"), []).append((np.nan, median_ms(lambda: op.normal(x1)), np.nan))
+                problem = Problem(op, task.y, task.noise_sigma)
+                for m in args.solvers.split(","):
+                    t0 = time.perf_counter()
+                    x, nfe = solve(prior, problem, (1, 1, *task.shape), m, sigma_data=prior.meta["sigma_data"],
+                                   sigma_min=prior.sigma_min, sigma_max=prior.sigma_max,
+                                   generator=torch.Generator().manual_seed(i), cg_iters=solver_cg_iters(task, m))
+                    sec = time.perf_counter() - t0
+                    psnr = score(task, x.detach().abs())["PSNR"]
+                    acc.setdefault((variant, m), []).append((psnr, sec, sec / (nfe * fwd)))
+            print(f"x{accel:g} slice {i + 1}/{len(imgs)}", flush=True)
+        for (variant, what), v in acc.items():
+            psnr, sec, ratio = (np.array(c) for c in zip(*v))
+            row = {"accel": accel, "normal": variant, "method": what}
+            if what == "normal":
+                row["ms_per_call"] = float(sec.mean())
+            else:
+                row.update(PSNR=float(psnr.mean()), s_per_slice=float(sec.mean()),
+                           time_over_NFE_x_forward=float(ratio.mean()))
+            rows.append(row)
+    write_table(args.name, rows, {**machine(), "model": args.model, "slices": args.n, "coils": args.coils,
+                                  "subjects": subjects})
+
+
+if __name__ == "__main__":
+    main()
