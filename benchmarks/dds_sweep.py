@@ -25,7 +25,7 @@ import numpy as np
 from common import RESULTS, heldout_slices, machine, write_table
 from ct import TASKS as CT_TASKS
 from ct import load_slices, make_task, tuning_patients
-from mri import TUNE_SUBJECTS, forward_seconds
+from mri import TUNE_SEED, forward_seconds, split_subjects
 from mediff.prior import load_prior
 from mediff.recon import DEFAULT_LAMBDA, run_solver, score, simulate_task
 from mediff.recon_ct import hu_window
@@ -61,11 +61,11 @@ def main() -> None:
         hu_range = hu_window(ct.meta.get("normalization"), ct.name)
         lam_file = RESULTS / "ct_lambda.json"
         ct_lams = json.loads(lam_file.read_text())["lambda"] if lam_file.exists() else {}
-        eval_ids = sorted(ct.meta["data"]["val_subjects"])
+        patients = sorted(ct.meta["data"]["val_subjects"])
         if args.tuning:
             all_ids = np.load(args.data / "ct_tcga" / "ct_hu_512.npz")["patient_id"].astype(str).tolist()
-            eval_ids = tuning_patients(all_ids, eval_ids, args.ct_slices)
-        slices = load_slices(args.data / "ct_tcga", eval_ids, args.ct_slices)
+            patients = tuning_patients(all_ids, patients, args.ct_slices)
+        slices = load_slices(args.data / "ct_tcga", patients, args.ct_slices)
         for name in [t for t in args.ct_tasks.split(",") if t]:
             tasks = [make_task(hu, px, ct.image_size, CT_TASKS[name], i, hu_range)
                      for i, (_, hu, px) in enumerate(slices)]
@@ -75,7 +75,8 @@ def main() -> None:
         mri = load_prior(args.mri_model)
         lam_file = RESULTS / "mri_lambda.json"
         mri_lam = json.loads(lam_file.read_text())["lambda"] if lam_file.exists() else DEFAULT_LAMBDA
-        subjects, seed = _mri_subjects(mri, args.tuning)
+        tune_subj, eval_subj = split_subjects(mri)
+        subjects, seed = (tune_subj, TUNE_SEED) if args.tuning else (eval_subj, 0)
         imgs, _ = heldout_slices(args.data / "ixi_t1" / "ixi_t1_axial_128.npz", subjects, args.mri_slices, seed)
         for coils in MRI_COILS:
             tasks = [simulate_task(im, 4.0, seed=i, coils=coils) for i, im in enumerate(imgs)]
@@ -85,13 +86,6 @@ def main() -> None:
                                   "samples": args.samples, "tuning": args.tuning,
                                   "shipped_dds": {"cg_iters": SOLVERS["dds"].cg_iters, "eta": SOLVERS["dds"].eta,
                                                   "single_coil_mri_cg_iters": "recon.dds_cg_iters"}})
-
-
-def _mri_subjects(prior, tuning: bool) -> tuple[list[str], int]:
-    """(subjects, seed) of ``heldout_slices``: mri.py's evaluation subjects, or its tuning ones (the
-    first TUNE_SUBJECTS validation subjects, drawn with mri.py's tuning seed)."""
-    val = sorted(prior.meta["data"]["val_subjects"])
-    return (val[:TUNE_SUBJECTS], 1) if tuning else (val[TUNE_SUBJECTS:], 0)
 
 
 def _rows(task_name: str, tasks: list, methods: list[str], prior, steps: int, lams: dict,

@@ -36,20 +36,33 @@ LAMBDA_GRID = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1)
 DEEPINV_WEIGHT_GRID = (100.0, 300.0, 1000.0, 2000.0)
 EXTERNAL = ("deepinv-dps",)
 TUNE_SUBJECTS = 5  # the first validation subjects (sorted): tuning, never evaluation
+TUNE_SEED = 1  # ``heldout_slices`` seed of the tuning slices (evaluation slices: 0)
+
+
+def split_subjects(prior, n_tune: int = TUNE_SUBJECTS) -> tuple[list[str], list[str]]:
+    """(tuning, evaluation) subjects: the prior's validation subjects (sorted), the first ``n_tune``
+    for tuning weights and settings, the rest for evaluation."""
+    val = sorted(prior.meta["data"]["val_subjects"])
+    return val[:n_tune], val[n_tune:]
+
+
+def median_seconds(f, reps: int = 5) -> float:
+    """Median wall-clock seconds of ``f()`` over ``reps`` calls, after one warm-up call."""
+    f()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def forward_seconds(prior, reps: int = 5) -> float:
     """Median seconds of one network forward at batch 1 (the unit of the time / (NFE x forward) ratio).
     Measured next to every slice, so that a busy machine slows the unit and the solvers alike."""
     x, s = torch.rand(1, 1, prior.image_size, prior.image_size), torch.full((1,), 0.5)
-    times = []
     with torch.no_grad():
-        prior(x, s)
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            prior(x, s)
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        return median_seconds(lambda: prior(x, s), reps)
 
 
 def run_method(task, method: str, prior, steps: int, seed: int, samples: int, lam: float | None,
@@ -106,11 +119,10 @@ def main() -> None:
         ap.error(f"unknown external reference(s) {sorted(unknown)}; choose from {EXTERNAL}")
     prior = load_prior(args.model)
     npz = args.data / "ixi_t1" / "ixi_t1_axial_128.npz"
-    val = sorted(prior.meta["data"]["val_subjects"])
-    tune_subj, eval_subj = val[: args.tune_subjects], val[args.tune_subjects:]
+    tune_subj, eval_subj = split_subjects(prior, args.tune_subjects)
     lam_file = RESULTS / "mri_lambda.json"
     if args.tune:
-        imgs, _ = heldout_slices(npz, tune_subj, args.tune_slices, seed=1)
+        imgs, _ = heldout_slices(npz, tune_subj, args.tune_slices, seed=TUNE_SEED)
         lams = tune(imgs, 4.0, 1, ("tv", "l1wavelet", *externals), prior, args.external_steps)
         RESULTS.mkdir(exist_ok=True)
         lam_file.write_text(json.dumps({"lambda": lams, "tuning_subjects": tune_subj, "accel": 4, "coils": 1,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from common import heldout_slices, machine, write_table
-from mri import TUNE_SUBJECTS, forward_seconds
+from mri import TUNE_SEED, forward_seconds, median_seconds, split_subjects
 from mediff.mri import MagnitudeMRI
 from mediff.operators.base import PhaseModulated
 from mediff.prior import load_prior
@@ -26,16 +26,6 @@ from mediff.recon import score, simulate_task, solver_cg_iters
 from mediff.solvers import Problem, solve
 
 VARIANTS = {"fft": PhaseModulated, "row matrices": MagnitudeMRI}
-
-
-def median_ms(f, reps: int = 50) -> float:
-    f()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
 
 
 def main() -> None:
@@ -49,8 +39,8 @@ def main() -> None:
     ap.add_argument("--name", default="normal_op")
     args = ap.parse_args()
     prior = load_prior(args.model)
-    subjects = sorted(prior.meta["data"]["val_subjects"])[:TUNE_SUBJECTS]
-    imgs, _ = heldout_slices(args.data / "ixi_t1" / "ixi_t1_axial_128.npz", subjects, args.n, seed=1)
+    subjects = split_subjects(prior)[0]
+    imgs, _ = heldout_slices(args.data / "ixi_t1" / "ixi_t1_axial_128.npz", subjects, args.n, seed=TUNE_SEED)
     rows = []
     for accel in (float(a) for a in args.accels.split(",")):
         acc: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
@@ -60,7 +50,8 @@ def main() -> None:
             x1 = torch.randn(1, 1, *task.shape, generator=torch.Generator().manual_seed(i))
             for variant, cls in VARIANTS.items():
                 op = cls(task.op, task.phase)
-                acc.setdefault((variant, "normal"), []).append((np.nan, median_ms(lambda: op.normal(x1)), np.nan))
+                ms = 1e3 * median_seconds(lambda: op.normal(x1), reps=50)
+                acc.setdefault((variant, "normal"), []).append((np.nan, ms, np.nan))
                 problem = Problem(op, task.y, task.noise_sigma)
                 for m in args.solvers.split(","):
                     t0 = time.perf_counter()
