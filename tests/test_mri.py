@@ -124,14 +124,24 @@ def test_wrapped_operators_keep_the_fast_normal_exact() -> None:
     assert torch.allclose(crop.normal(xc), crop.AH(crop.A(xc)), atol=1e-12)
 
 
+@pytest.mark.parametrize("support", [False, True])
 @pytest.mark.parametrize("columns", [True, False])
-def test_magnitude_mri_row_normal_is_exact(columns: bool) -> None:
+def test_magnitude_mri_row_normal_is_exact(columns: bool, support: bool) -> None:
     """MagnitudeMRI's per-row normal matrices (1D mask, several coils) equal A^H A of the phase-modulated
-    SENSE operator in float64 for a batch of real images; a 2D mask keeps the FFT normal, same values."""
+    SENSE operator in float64 for a batch of real images, also when the maps vanish outside an irregular
+    support (then only the support's box is stored); a 2D mask keeps the FFT normal, same values."""
     hw = (15, 21)
     phase = torch.exp(1j * torch.rand(1, 1, *hw, generator=_gen(4), dtype=torch.float64))
-    op = MagnitudeMRI(MultiCoilMRI(_rand_mask(hw, columns=columns), _cplx(C, *hw, seed=5)), phase)
+    maps = _cplx(C, *hw, seed=5)
+    if support:  # an ellipse in rows 2..12 and columns 4..16, and a hole inside it
+        yy, xx = torch.meshgrid(torch.arange(15.0), torch.arange(21.0), indexing="ij")
+        inside = ((yy - 7) / 5.5) ** 2 + ((xx - 10) / 6.5) ** 2 <= 1
+        inside[7, 10] = False
+        maps = maps * inside
+    op = MagnitudeMRI(MultiCoilMRI(_rand_mask(hw, columns=columns), maps), phase)
     assert (op._gram is not None) == columns  # the matrices exist exactly when rows decouple
+    if columns:
+        assert op._gram.value.shape == ((11, 13, 13) if support else (15, 21, 21))
     x = torch.randn(3, 1, *hw, dtype=torch.float64, generator=_gen(6))
     assert adjoint_check(op, x, _gen(7)) <= 1e-10
     assert torch.allclose(op.normal(x), op.AH(op.A(x)), atol=1e-12)

@@ -223,21 +223,25 @@ class MultiCoilMRI(SingleCoilMRI):
             dim=1, keepdim=True)
 
 
-# Largest image width for which ``MagnitudeMRI`` stores its per-row normal matrices (H W^2 reals:
+# Largest image width for which ``MagnitudeMRI`` stores its per-row normal matrices (at most H W^2 reals:
 # 8 MB at 128 px, 64 MB at 256); wider images keep the FFT normal, whose cost grows as W log W.
 _ROW_GRAM_MAX_WIDTH = 256
 
 
-def _row_gram(op: LinearOperator, phase: Tensor) -> Tensor | None:
-    """Real A^H A of ``PhaseModulated(op, phase)`` as one W x W matrix per image row, (H, W, W), for a
-    multi-coil ``op``; None when it does not split by rows (2D or per-item mask, per-item maps or
-    phase), W is too large, or ``op`` is single-coil (its two 1D FFT passes cost less than the matmul).
+def _row_gram(op: LinearOperator, phase: Tensor) -> tuple[Tensor, tuple[slice, slice]] | None:
+    """Real A^H A of ``PhaseModulated(op, phase)`` as one w x w matrix per image row over the bounding
+    box (rows, cols) of the coil maps' support: ((h, w, w), (rows, cols)), for a multi-coil ``op``; None
+    when it does not split by rows (2D or per-item mask, per-item maps or phase), W is too large, the
+    maps vanish everywhere, or ``op`` is single-coil (its two 1D FFT passes cost less than the matmul).
 
     With a 1D mask (the same on every row) F^H M F acts along W only, as the circulant P of
     :func:`_masked_circulant` (P[j, k] = c[(j - k) mod W], c = ifft(ifftshift(m))). With weights
     a_c = S_c * phase on row h, A^H A restricted to the row is sum_c diag(conj a_c) P diag(a_c) =
     P o (a^H a) (Hadamard product with the coils' outer products), Hermitian; for a real image only
-    its real part acts, a symmetric matrix."""
+    its real part acts, a symmetric matrix. Where every map is zero (ESPIRiT zeroes them outside the
+    object) its rows and columns are zero, so only the support's box is stored: about a quarter less
+    memory to read per call on a brain slice, which matters because a network forward between two
+    data-consistency steps evicts the matrices from cache."""
     if not isinstance(op, MultiCoilMRI):
         return None
     mu, maps = op._mask_unshifted.value, op._maps.value
@@ -245,33 +249,42 @@ def _row_gram(op: LinearOperator, phase: Tensor) -> Tensor | None:
             or op.shape[1] > _ROW_GRAM_MAX_WIDTH):
         return None
     cdtype = torch.complex128 if maps.dtype == torch.complex128 or phase.dtype == torch.complex128 else torch.complex64
+    a = (maps.to(cdtype) * phase.to(cdtype))[0]  # (C, H, W)
+    inside = (a != 0).any(0)  # (H, W)
+    if not bool(inside.any()):
+        return None
+    r_idx, c_idx = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()
+    rows, cols = slice(int(r_idx[0]), int(r_idx[-1]) + 1), slice(int(c_idx[0]), int(c_idx[-1]) + 1)
     w = op.shape[1]
     c = torch.fft.ifft(mu[0].to(cdtype))
     idx = torch.arange(w)
-    circulant = c[(idx[:, None] - idx[None, :]) % w]  # (W, W)
-    a = (maps.to(cdtype) * phase.to(cdtype))[0].permute(1, 0, 2)  # (H, C, W)
-    outer = a.conj().transpose(-1, -2) @ a  # (H, W, W): conj(a_j) a_k summed over coils
-    return (circulant * outer).real.contiguous()
+    circulant = c[(idx[:, None] - idx[None, :]) % w][cols, cols]  # (w, w)
+    a = a[:, rows, cols].permute(1, 0, 2)  # (h, C, w)
+    outer = a.conj().transpose(-1, -2) @ a  # (h, w, w): conj(a_j) a_k summed over coils
+    return (circulant * outer).real.contiguous(), (rows, cols)
 
 
 class MagnitudeMRI(PhaseModulated):
     """A real (magnitude) image x (B, 1, H, W) through a fixed unit-modulus ``phase`` into a Cartesian
-    MRI operator: ``PhaseModulated(op, phase)``, with A^H A applied as one real W x W matrix per row
-    when the mask is 1D (``_row_gram``; one batched matmul instead of 2 C FFT passes: with 8 coils at
-    128 px 0.14 ms vs 0.51 ms, ``benchmarks/normal_op.py``; every solver's data-consistency CG runs on it)."""
+    MRI operator: ``PhaseModulated(op, phase)``, with A^H A applied as one real matrix per row of the
+    coil maps' support box when the mask is 1D (``_row_gram``; one batched matmul instead of 2 C FFT
+    passes; every solver's data-consistency CG runs on it; ``benchmarks/normal_op.py`` and
+    ``benchmarks/solver_overhead.py`` time it)."""
 
     def __init__(self, op: LinearOperator, phase: Tensor) -> None:
         super().__init__(op, phase)
         gram = _row_gram(op, self.phase)
-        self._set(_gram=None if gram is None else _Cache(gram))
+        self._set(_gram=None if gram is None else _Cache(gram[0]), _box=None if gram is None else gram[1])
 
     def normal(self, x: Tensor) -> Tensor:
         if self._gram is None or x.is_complex():
             return super().normal(x)
         g = self._gram.get(x.device, x.dtype)
-        b, _, h, w = x.shape
-        # Rows as (H, B, W) times the symmetric G_h: one batched matmul, and no copy at B = 1.
-        return torch.bmm(x.reshape(b, h, w).transpose(0, 1), g).transpose(0, 1).reshape(b, 1, h, w)
+        rows, cols = self._box
+        h, w = x.shape[-2:]
+        # The box's rows as (h, B, w) times the symmetric G_h: one batched matmul; zero outside the box.
+        out = torch.bmm(x[:, 0, rows, cols].transpose(0, 1), g).transpose(0, 1).unsqueeze(1)
+        return torch.nn.functional.pad(out, (cols.start, w - cols.stop, rows.start, h - rows.stop))
 
 
 def _operator_for(mask: object, coil_maps: Tensor | np.ndarray | None) -> SingleCoilMRI:
