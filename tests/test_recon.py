@@ -493,6 +493,34 @@ def test_unknown_compare_baseline(prior: Path, inputs: dict, tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("solver, value, needle", [("langevin", 3, "--cg-iters"), ("tv", 3, "--cg-iters"),
+                                                   ("dds", 0, ">= 1")])
+def test_cg_iters_errors(prior: Path, inputs: dict, tmp_path: Path, solver: str, value: int, needle: str) -> None:
+    code, _, err = recon(prior, inputs["png"], tmp_path / "o", "--solver", solver, "--steps", 2, "--cg-iters", value)
+    assert_one_line_error(code, err, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cg_iters_option_reaches_the_solver(prior: Path, inputs: dict, tmp_path: Path) -> None:
+    """``--cg-iters K`` runs DDS with K CG steps per update instead of the default (5 single-coil):
+    another image, and metrics.json records K; ``run_solver(cg_iters=K)`` likewise."""
+    from mediff.prior import load_prior
+    from mediff.recon import prepare_mri, run_solver
+
+    outs = {k: tmp_path / f"cg{k}" for k in (None, 1)}
+    for k, out in outs.items():
+        extra = () if k is None else ("--cg-iters", k)
+        code, _, err = recon(prior, inputs["png"], out, "--solver", "dds", "--steps", 3, "--compare", "", *extra)
+        assert code == 0, err
+    assert metrics_of(outs[None])["cg_iters"] == 5 and metrics_of(outs[1])["cg_iters"] == 1
+    default, one = (read_nifti(out / "recon.nii.gz")[0] for out in outs.values())
+    assert not np.allclose(default, one, atol=1e-4 * default.max())
+    p = load_prior(prior)
+    task = prepare_mri(inputs["png"], p.image_size, 4.0, center_fraction=0.125)
+    direct = run_solver(task, "dds", p, steps=3, seed=0, cg_iters=1).mean
+    assert not torch.equal(direct, run_solver(task, "dds", p, steps=3, seed=0).mean)
+
+
 def test_existing_output_needs_overwrite(prior: Path, inputs: dict, tmp_path: Path) -> None:
     out = tmp_path / "o"
     out.mkdir()

@@ -190,6 +190,9 @@ def reconstruct(
                                 "CT always adds fbp, the other modality's baselines are skipped)."),
     lam: Optional[float] = typer.Option(None, help="Regularisation weight for tv/l1wavelet (default: tuned value; "
                                         "CT tv: relative to ||A||^2)."),
+    cg_iters: Optional[int] = typer.Option(None, "--cg-iters", help="CG steps per data-consistency update of "
+                                           "dds/ddnm/dps/mcg (default: tuned per operator; fewer is faster and "
+                                           "less accurate)."),
     dicom: bool = typer.Option(False, "--dicom", help="Also write recon_dicom/ (CT in HU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
@@ -214,7 +217,7 @@ def reconstruct(
         rec = reconstruct_file(input, tmp, model, solver, accel, mask, center_fraction, steps, seed, samples, noise,
                                coils, slice_index, extra, lam, command=" ".join(["mediff", *sys.argv[1:]]),
                                views=views, limited_angle=limited_angle, dose=dose, dicom=dicom,
-                               mri_options=mri_options)
+                               mri_options=mri_options, cg_iters=cg_iters)
     if rec.get("ignored_options"):
         console.print(f"note: MRI options ignored in CT mode: {', '.join(rec['ignored_options'])}", highlight=False)
     for row in rec["metrics"]:

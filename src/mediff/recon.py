@@ -437,9 +437,12 @@ def solver_cg_iters(task: Task, method: str) -> int:
 
 
 def run_solver(task: Task, method: str, prior=None, steps: int = 50, seed: int = 0, samples: int = 1,
-               lam: float | None = None, progress: Callable | None = None) -> ReconResult:
+               lam: float | None = None, progress: Callable | None = None,
+               cg_iters: int | None = None) -> ReconResult:
     """Reconstruct with a diffusion solver (needs ``prior``) or a classical baseline (MRI: zero-filled,
-    tv, l1wavelet; CT: fbp, tv). Images come back real, (1, 1, H, W), in normalised units."""
+    tv, l1wavelet; CT: fbp, tv). Images come back real, (1, 1, H, W), in normalised units.
+    ``cg_iters``: CG steps per data-consistency update, instead of ``solver_cg_iters`` (fewer: faster,
+    less accurate; ``benchmarks/solver_overhead.py``)."""
     t0 = time.perf_counter()
     if method in BASELINES or method in CT_BASELINES:
         img = _image(task, _baseline(task, method, lam))
@@ -456,7 +459,7 @@ def run_solver(task: Task, method: str, prior=None, steps: int = 50, seed: int =
     gen = torch.Generator().manual_seed(seed)
     x, n = solve(prior, problem, (k, 1, *task.shape), method, steps=steps, sigma_data=prior.meta["sigma_data"],
                  sigma_min=prior.sigma_min, sigma_max=prior.sigma_max, generator=gen, callback=progress,
-                 cg_iters=solver_cg_iters(task, method))
+                 cg_iters=solver_cg_iters(task, method) if cg_iters is None else cg_iters)
     mag = _image(task, x.detach())
     std = mag.std(0, keepdim=True) if k > 1 else None
     return ReconResult(mag.mean(0, keepdim=True), std, mag[:, None], n, time.perf_counter() - t0)
@@ -506,7 +509,8 @@ def reconstruct_file(input_path: Path, out_dir: Path, model: str | None, solver:
                      samples: int = 1, noise: float = 0.0, coils: int = 1, slice_index: int | None = None,
                      compare: tuple[str, ...] = ("zero-filled",), lam: float | None = None,
                      command: str = "", views: int | None = None, limited_angle: float | None = None,
-                     dose: float | None = None, dicom: bool = False, mri_options: tuple[str, ...] = ()) -> dict:
+                     dose: float | None = None, dicom: bool = False, mri_options: tuple[str, ...] = (),
+                     cg_iters: int | None = None) -> dict:
     """The ``mediff reconstruct`` job: writes recon NIfTI (+ zero-filled for MRI / fbp for CT),
     metrics.json and report.html (+ recon_dicom/ with ``dicom``) into ``out_dir`` (which the caller
     creates atomically). Returns the metrics record.
@@ -514,7 +518,8 @@ def reconstruct_file(input_path: Path, out_dir: Path, model: str | None, solver:
     CT mode when the prior's normalisation is a HU window, any of ``views`` / ``limited_angle`` /
     ``dose`` is given, the solver is ``fbp``, or the input declares itself CT (sinogram / ``hu`` NPZ,
     DICOM Modality CT). ``mri_options`` names MRI options the user set; CT mode ignores them with a note.
-    ``compare`` names of the other modality's baselines are skipped.
+    ``compare`` names of the other modality's baselines are skipped. ``cg_iters`` overrides the CG steps
+    per update of a solver with a data-consistency prox (dds, ddnm, dps, mcg).
     """
     import json
 
@@ -527,6 +532,12 @@ def reconstruct_file(input_path: Path, out_dir: Path, model: str | None, solver:
     every = dict.fromkeys([*SOLVERS, *BASELINES, *CT_BASELINES])
     if solver not in every:
         raise MediffError(f"unknown solver {solver!r}; choose from {', '.join(every)}")
+    if cg_iters is not None:
+        with_cg = [k for k, v in SOLVERS.items() if v.guidance != "none"]
+        if solver not in with_cg:
+            raise MediffError(f"--cg-iters sets the data-consistency CG of {', '.join(with_cg)}, not {solver}")
+        if cg_iters < 1:
+            raise MediffError(f"--cg-iters must be >= 1, got {cg_iters}")
     input_path = Path(input_path)
     prior = load_prior(model) if solver in SOLVERS else None
     ct = (prior is not None and prior.meta.get("normalization", {}).get("kind") == "hu_window") or \
@@ -549,7 +560,8 @@ def reconstruct_file(input_path: Path, out_dir: Path, model: str | None, solver:
         label = f"{solver} x{task.info['accel']:.1f}"
     allowed = CT_BASELINES if ct else BASELINES
     with progress_callback(steps, label) as cb:
-        res = run_solver(task, solver, prior, steps, seed, samples, lam, progress=cb if solver in SOLVERS else None)
+        res = run_solver(task, solver, prior, steps, seed, samples, lam, progress=cb if solver in SOLVERS else None,
+                         cg_iters=cg_iters)
     rows = [{"method": solver, **score(task, res.mean), "NFE": res.nfe, "seconds": round(res.seconds, 2)}]
     companion = COMPANION[task.kind]
     others = {solver: res}
@@ -571,7 +583,8 @@ def reconstruct_file(input_path: Path, out_dir: Path, model: str | None, solver:
     record = {"solver": solver, "modality": task.kind, "model": None if prior is None else prior.name, "nfe": res.nfe,
               "seconds": round(res.seconds, 3), "metrics": rows, "notes": task.notes, "problem": task.info,
               "units": units, "seed": seed, "samples": samples, "steps": steps,
-              "cg_iters": solver_cg_iters(task, solver) if solver in SOLVERS else None, "mediff": __version__,
+              "cg_iters": (solver_cg_iters(task, solver) if cg_iters is None else cg_iters) if solver in SOLVERS else None,
+              "mediff": __version__,
               "command": command}
     if ct and mri_options:
         record["ignored_options"] = list(mri_options)
