@@ -28,6 +28,7 @@ import torch
 from common import RESULTS, heldout_slices, machine, write_table
 from mediff.prior import load_prior
 from mediff.recon import BASELINES, DEFAULT_LAMBDA, run_solver, score, simulate_task
+from mediff.solvers import SOLVERS
 
 LAMBDA_GRID = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1)
 # deepinv's DPS weight multiplies the residual norm ||y - A D||. The grid was set by a first look at 2
@@ -66,15 +67,17 @@ def forward_seconds(prior, reps: int = 5) -> float:
 
 
 def run_method(task, method: str, prior, steps: int, seed: int, samples: int, lam: float | None,
-               external_steps: int) -> dict:
+               external_steps: int, cg_iters: int | None = None) -> dict:
     """One reconstruction scored: PSNR/SSIM/NMSE, seconds, NFE. ``deepinv-dps`` (external reference)
-    runs ``external_steps`` steps with weight ``lam``; everything else goes through ``run_solver``."""
+    runs ``external_steps`` steps with weight ``lam``; everything else goes through ``run_solver``
+    (``cg_iters``: CG steps per update of the diffusion solvers, None = their defaults)."""
     if method == "deepinv-dps":
         from deepinv_ref import deepinv_dps
 
         img, n, sec = deepinv_dps(task, prior, external_steps, seed=seed, weight=lam)
         return {**score(task, img), "seconds": sec, "NFE": n}
-    r = run_solver(task, method, prior, steps, seed=seed, samples=samples, lam=lam)
+    r = run_solver(task, method, prior, steps, seed=seed, samples=samples, lam=lam,
+                   cg_iters=cg_iters if method in SOLVERS else None)
     return {**score(task, r.mean), "seconds": r.seconds, "NFE": r.nfe}
 
 
@@ -109,6 +112,8 @@ def main() -> None:
     ap.add_argument("--tune-subjects", type=int, default=TUNE_SUBJECTS)
     ap.add_argument("--tune-slices", type=int, default=8)
     ap.add_argument("--samples", type=int, default=1, help="posterior samples per slice (scored: their mean)")
+    ap.add_argument("--cg-iters", type=int, default=None,
+                    help="CG steps per update of the diffusion solvers (default: recon.solver_cg_iters)")
     ap.add_argument("--name", default="mri")
     ap.add_argument("--external", default="", help="external references (deepinv-dps; needs `make bench-deps`), "
                     "with --tune: tune their weights too")
@@ -147,7 +152,7 @@ def main() -> None:
                 fwds.append(fwd)
                 for m in methods:
                     acc[m].append({**run_method(task, m, prior, args.steps, i, samples[m], lams.get(m),
-                                                args.external_steps), "forward_s": fwd})
+                                                args.external_steps, args.cg_iters), "forward_s": fwd})
                 print(f"coils {coils} x{accel:g} slice {i + 1}/{len(imgs)}: " +
                       "  ".join(f"{m} {acc[m][-1]['PSNR']:.2f}" for m in methods), flush=True)
             for m in methods:
@@ -164,7 +169,7 @@ def main() -> None:
                                   "images_seen": prior.meta["images_seen"], "n_slices": len(imgs),
                                   "eval_subjects": sorted(set(ids.tolist())), "steps": args.steps,
                                   "lambda": lams, "forward_s_batch1_median": float(np.median(fwds)),
-                                  "mask": "random1d, 8% centre",
+                                  "mask": "random1d, 8% centre", "cg_iters": args.cg_iters or "default",
                                   "external_steps": args.external_steps if externals else None})
 
 
