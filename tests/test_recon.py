@@ -238,6 +238,25 @@ def test_multicoil_simulation(prior: Path, inputs: dict, tmp_path: Path) -> None
     assert rows_by_method(rec)["zero-filled"]["NMSE"] < 0.15
 
 
+def test_multicoil_images_are_zero_outside_the_maps_support(prior: Path) -> None:
+    """With estimated coil maps A ignores the pixels where every map vanishes, so the data say nothing
+    there: every reconstruction (solver samples, their mean and std, baselines) is zero outside
+    ``Task.support``, which is the maps' support; single-coil tasks have none."""
+    from mediff.prior import load_prior
+    from mediff.recon import run_solver, simulate_task
+
+    task = simulate_task(phantom() / 800.0, 3.0, center_fraction=0.25, seed=0, coils=4)
+    inside = task.support
+    assert inside is not None and inside.shape == (1, 1, SIZE, SIZE)
+    torch.testing.assert_close(inside, (task.op.coil_maps.abs().sum(1, keepdim=True) > 0).float())
+    assert 0 < float(inside.mean()) < 1, "the ESPIRiT support must exclude some background on the phantom"
+    r = run_solver(task, "dds", load_prior(prior), steps=3, seed=0, samples=2)
+    for img in (r.mean, r.std, r.samples[:, 0], run_solver(task, "tv").mean):
+        assert float(img[(inside == 0).expand_as(img)].abs().max()) == 0.0
+        assert float(img[(inside == 1).expand_as(img)].abs().max()) > 0
+    assert simulate_task(phantom() / 800.0, 3.0, center_fraction=0.25, seed=0).support is None
+
+
 # ------------------------------------------------------------------------ every method
 
 # (method, expected NFE at --steps 2). The baselines ignore --steps; pc costs 2 NFE per step.

@@ -203,6 +203,12 @@ class MultiCoilMRI(SingleCoilMRI):
         """A copy of the coil maps, (1 or B, C, H, W)."""
         return self._maps.value.clone()
 
+    @property
+    def support(self) -> Tensor:
+        """(1 or B, 1, H, W) float: 1 where some coil map is non-zero, 0 where all vanish (ESPIRiT's
+        "no object here"): A ignores the image there, so the data say nothing about it."""
+        return (self._maps.value != 0).any(dim=1, keepdim=True).float()
+
     def _s(self, ref: Tensor, conj: bool = False) -> Tensor:
         s = (self._maps_conj if conj else self._maps).get(ref.device, ref.dtype)
         _batch_ok(ref.shape[0], s.shape[0], "coil-map")

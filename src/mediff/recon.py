@@ -82,6 +82,9 @@ class Task:
     offset: float = 0.0  # input units at normalised 0 (CT: hu_min)
     window: tuple[float, float] | None = None  # metric window in input units (CT: (-1000, 1000) HU)
     weights: Tensor | None = None  # like y: noise_sigma / std per entry (heteroscedastic data, CT low dose)
+    # MRI with estimated coil maps: (1, 1, H, W), 1 inside the maps' support, 0 outside. A is blind outside
+    # (the maps vanish), so whatever a solver leaves there is the prior's invention: images are zeroed there.
+    support: Tensor | None = None
 
     def data(self) -> tuple[LinearOperator, Tensor]:
         """(op, y) of the likelihood the solvers use: whitened by ``weights`` when the noise varies per
@@ -218,13 +221,14 @@ def simulate_task(image: np.ndarray, accel: float, mask_kind: str = "random1d", 
         op: LinearOperator = MultiCoilMRI(m.mask, coil_maps(k[0], region))
     else:
         op = SingleCoilMRI(m.mask)
+    support = op.support if isinstance(op, MultiCoilMRI) else None
     scale = _scale_of(op, k)
     ref = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None] / scale
     info = {"source": "simulated from image", "accel": m.accel, "mask": mask_kind, "center_fraction": center_fraction,
             "coils": coils, "noise": noise, "noise_sigma": noise * ref_scale / scale}
     sigma = _with_model_error(op, k, noise * ref_scale, scale, notes, info) / scale
     return Task(op, k / scale, lowres_phase(k, op, region), sigma, scale, ref, m.mask, lambda a: a, np.eye(4), notes,
-                info)
+                info, support=support)
 
 
 def _with_model_error(op: LinearOperator, y: Tensor, noise: float, scale: float, notes: list[str],
@@ -305,9 +309,11 @@ def _prepare_kspace(path: Path, fmt: str, accel: float, mask_kind: str, center_f
         notes.append(f"noise not estimated ({exc}); solvers assume noiseless data")
     model_info: dict = {}
     sigma_lik = _with_model_error(op, y, sigma_file, scale, notes, model_info)
+    support = op.support if isinstance(op, MultiCoilMRI) else None
     if (ph, pw) != (h, w):
         crop = CenterCrop((ph, pw), (h, w))
         op = op @ crop
+        support = None if support is None else crop.AH(support)
         phase = crop.AH(phase)
         phase = torch.where(phase.abs() > 0, phase, torch.ones_like(phase))
         if ref is not None:
@@ -322,13 +328,22 @@ def _prepare_kspace(path: Path, fmt: str, accel: float, mask_kind: str, center_f
             "noise_sigma": sigma_file / scale, "noise_sigma_kspace_units": sigma_file,
             "noise_estimate": "MAD of the outer 10% of sampled k-space, RMS over coils", **model_info}
     return Task(op, y / scale, phase, sigma_lik / scale, scale, None if ref is None else ref / scale, mask, back,
-                np.eye(4), notes, info)
+                np.eye(4), notes, info, support=support)
+
+
+# ESPIRiT's support threshold on the top eigenvalue (``mri.estimate_coil_maps``' ``crop``).
+ESPIRIT_CROP = 0.95
+
+
+def espirit_kernel(region: tuple[int, int]) -> int:
+    """ESPIRiT kernel side for a calibration ``region`` (rows, cols): 6, smaller for narrow regions (a
+    10-column centre with a 6 x 6 kernel leaves too few patches and the support collapses)."""
+    return max(3, min(6, min(region) // 2 - 1))
 
 
 def coil_maps(kspace: Tensor, region: tuple[int, int]) -> Tensor:
-    """ESPIRiT maps (C, H, W) calibrated on the fully-sampled ``region`` (rows, cols), with a kernel that
-    fits it (a 10-column centre with a 6 x 6 kernel leaves too few patches and the support collapses)."""
-    return estimate_coil_maps(kspace, calib_size=region, kernel_size=max(3, min(6, min(region) // 2 - 1)))
+    """ESPIRiT maps (C, H, W) calibrated on the fully-sampled ``region`` (rows, cols)."""
+    return estimate_coil_maps(kspace, calib_size=region, kernel_size=espirit_kernel(region), crop=ESPIRIT_CROP)
 
 
 def _rss_from_full(full: Tensor) -> Tensor:
@@ -373,8 +388,10 @@ class ReconResult:
 
 
 def _image(task: Task, x: Tensor) -> Tensor:
-    """Solver output -> the image that is scored and written: magnitude for MRI, real part for CT."""
-    return (x.abs() if task.kind == "mri" else x.real).float()
+    """Solver output -> the image that is scored and written: magnitude for MRI (zero outside the coil
+    maps' support, ``Task.support``), real part for CT."""
+    img = (x.abs() if task.kind == "mri" else x.real).float()
+    return img if task.support is None else img * task.support
 
 
 def _check_baseline(kind: str, method: str) -> None:
