@@ -435,8 +435,8 @@ def dds_cg_iters(task: Task) -> int:
     Measured side by side by ``benchmarks/dds_sweep.py`` (50 NFE, eta = 1): the single-coil MRI normal
     operator is nearly a projection (one eigenvalue cluster), so CG has converged by 5 steps (x4:
     26.86 dB, 20 steps 26.94; ``benchmarks/results/dds_cg_sweep.md``). The 8-coil SENSE normal operator
-    has a spread spectrum: 5 -> 20 steps gains 1.2 dB at x4, more does not help (tuning subjects, 8
-    slices: 10 / 15 / 20 / 30 steps 35.25 / 35.41 / 35.39 / 35.16 dB; ``dds_mri_cg_tuning.md``). CT's
+    has a spread spectrum: 5 -> 20 steps gains 1 dB at x4, more does not help (tuning subjects, 8
+    slices: 5 / 10 / 15 / 20 / 30 steps 34.46 / 35.27 / 35.44 / 35.42 / 35.19 dB; ``dds_mri_cg_tuning.md``). CT's
     keeps gaining (6 slices of tuning patients, ``dds_ct_cg_tuning.md``: 20 / 40 / 60 steps give
     37.29 / 37.63 / 37.77 dB at 60 views and 32.79 / 33.68 / 33.81 at low dose; the mean of 8 samples
     at 60 views 39.50 / 39.86 for 20 / 40, ``dds_ct60_k8_tuning.md``): 40, at 1.7x the time of 20 (a CG
