@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import heldout_slices, machine, write_table
-from mri import TUNE_SEED, split_subjects
+from common import machine, write_table
+from mri import tuning_slices
 from mediff.mri import MultiCoilMRI, estimate_coil_maps, lowres_phase
 from mediff.prior import load_prior
 from mediff.recon import ESPIRIT_CROP, calib_region, espirit_kernel, run_solver, score, simulate_task
@@ -35,8 +35,7 @@ def main() -> None:
     ap.add_argument("--name", default="espirit_crop")
     args = ap.parse_args()
     prior = load_prior(args.model)
-    subjects = split_subjects(prior)[0]
-    imgs, _ = heldout_slices(args.data / "ixi_t1" / "ixi_t1_axial_128.npz", subjects, args.n, seed=TUNE_SEED)
+    imgs, subjects = tuning_slices(prior, args.data, args.n)
     rows = []
     for mask_kind in args.masks.split(","):
         acc: dict[float, list[tuple[float, ...]]] = {}

@@ -47,6 +47,15 @@ def split_subjects(prior, n_tune: int = TUNE_SUBJECTS) -> tuple[list[str], list[
     return val[:n_tune], val[n_tune:]
 
 
+def tuning_slices(prior, data: Path, n: int) -> tuple[np.ndarray, list[str]]:
+    """``n`` IXI slices of the tuning subjects (drawn with ``TUNE_SEED``) under ``data``, and those
+    subjects: what the side-by-side MRI benchmarks of settings (normal_op, solver_overhead,
+    espirit_crop) run on, never the evaluation subjects."""
+    subjects = split_subjects(prior)[0]
+    imgs, _ = heldout_slices(data / "ixi_t1" / "ixi_t1_axial_128.npz", subjects, n, seed=TUNE_SEED)
+    return imgs, subjects
+
+
 def median_seconds(f, reps: int = 5) -> float:
     """Median wall-clock seconds of ``f()`` over ``reps`` calls, after one warm-up call."""
     f()

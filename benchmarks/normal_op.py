@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import heldout_slices, machine, write_table
-from mri import TUNE_SEED, forward_seconds, median_seconds, split_subjects
+from common import machine, write_table
+from mri import forward_seconds, median_seconds, tuning_slices
 from mediff.mri import MagnitudeMRI
 from mediff.operators.base import PhaseModulated
 from mediff.prior import load_prior
@@ -39,8 +39,7 @@ def main() -> None:
     ap.add_argument("--name", default="normal_op")
     args = ap.parse_args()
     prior = load_prior(args.model)
-    subjects = split_subjects(prior)[0]
-    imgs, _ = heldout_slices(args.data / "ixi_t1" / "ixi_t1_axial_128.npz", subjects, args.n, seed=TUNE_SEED)
+    imgs, subjects = tuning_slices(prior, args.data, args.n)
     rows = []
     for accel in (float(a) for a in args.accels.split(",")):
         acc: dict[tuple[str, str], list[tuple[float, float, float]]] = {}

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import heldout_slices, machine, write_table
-from mri import TUNE_SEED, forward_seconds, median_seconds, split_subjects
+from common import machine, write_table
+from mri import forward_seconds, median_seconds, tuning_slices
 from mediff.mri import MagnitudeMRI
 from mediff.prior import load_prior
 from mediff.recon import score, simulate_task, solver_cg_iters
@@ -55,8 +55,7 @@ def main() -> None:
     ap.add_argument("--name", default="solver_overhead")
     args = ap.parse_args()
     prior = load_prior(args.model)
-    subjects = split_subjects(prior)[0]
-    imgs, _ = heldout_slices(args.data / "ixi_t1" / "ixi_t1_axial_128.npz", subjects, args.n, seed=TUNE_SEED)
+    imgs, subjects = tuning_slices(prior, args.data, args.n)
     rows = []
     for coils in (int(c) for c in args.coils.split(",")):
         acc: dict[str, list[tuple[float, ...]]] = {}
