@@ -45,9 +45,9 @@ def main() -> None:
             kspace = task.y[0] * task.scale
             ref = task.reference[0, 0].numpy()
             for crop in (float(c) for c in args.crops.split(",")):
-                maps = estimate_coil_maps(kspace, region, kernel_size=espirit_kernel(region), crop=crop)
-                inside = ((maps.abs() ** 2).sum(0) > 0).numpy()
-                op = MultiCoilMRI(task.mask, maps)
+                op = MultiCoilMRI(task.mask, estimate_coil_maps(kspace, region, kernel_size=espirit_kernel(region),
+                                                                crop=crop))
+                inside = op.support[0, 0].bool().numpy()
                 t = dataclasses.replace(task, op=op, phase=lowres_phase(task.y, op, region), support=op.support)
                 dds = score(t, run_solver(t, "dds", prior, 50, seed=i).mean)["PSNR"]
                 zf = score(t, run_solver(t, "zero-filled").mean)["PSNR"]

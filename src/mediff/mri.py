@@ -256,7 +256,7 @@ def _row_gram(op: LinearOperator, phase: Tensor) -> tuple[Tensor, tuple[slice, s
         return None
     cdtype = torch.complex128 if maps.dtype == torch.complex128 or phase.dtype == torch.complex128 else torch.complex64
     a = (maps.to(cdtype) * phase.to(cdtype))[0]  # (C, H, W)
-    inside = (a != 0).any(0)  # (H, W)
+    inside = op.support[0, 0].bool()  # (H, W); the phase has unit modulus, so a vanishes exactly there
     if not bool(inside.any()):
         return None
     r_idx, c_idx = inside.any(1).nonzero().flatten(), inside.any(0).nonzero().flatten()

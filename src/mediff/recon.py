@@ -576,6 +576,8 @@ def reconstruct_file(input_path: Path, out_dir: Path, model: str | None, solver:
         task = prepare_mri(input_path, size, accel, mask_kind, center_fraction, seed, coils, noise, slice_index)
         label = f"{solver} x{task.info['accel']:.1f}"
     allowed = CT_BASELINES if ct else BASELINES
+    if solver in SOLVERS and cg_iters is None:
+        cg_iters = solver_cg_iters(task, solver)
     with progress_callback(steps, label) as cb:
         res = run_solver(task, solver, prior, steps, seed, samples, lam, progress=cb if solver in SOLVERS else None,
                          cg_iters=cg_iters)
@@ -600,8 +602,7 @@ def reconstruct_file(input_path: Path, out_dir: Path, model: str | None, solver:
     record = {"solver": solver, "modality": task.kind, "model": None if prior is None else prior.name, "nfe": res.nfe,
               "seconds": round(res.seconds, 3), "metrics": rows, "notes": task.notes, "problem": task.info,
               "units": units, "seed": seed, "samples": samples, "steps": steps,
-              "cg_iters": (solver_cg_iters(task, solver) if cg_iters is None else cg_iters) if solver in SOLVERS else None,
-              "mediff": __version__,
+              "cg_iters": cg_iters, "mediff": __version__,
               "command": command}
     if ct and mri_options:
         record["ignored_options"] = list(mri_options)
