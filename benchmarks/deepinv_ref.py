@@ -23,7 +23,7 @@ import types
 import torch
 from torch import Tensor
 
-from mediff.operators import PhaseModulated
+from mediff.physics.operators import PhaseModulated
 
 
 class _Missing:

@@ -19,7 +19,7 @@ import numpy as np
 
 from common import machine, write_table
 from mri import tuning_slices
-from mediff.mri import MultiCoilMRI, estimate_coil_maps, lowres_phase
+from mediff.physics.mri import MultiCoilMRI, estimate_coil_maps, lowres_phase
 from mediff.prior import load_prior
 from mediff.recon import ESPIRIT_CROP, calib_region, espirit_kernel, run_solver, score, simulate_task
 

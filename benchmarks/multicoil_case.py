@@ -36,7 +36,7 @@ import torch
 
 from common import machine, write_table
 from mediff import io, metrics
-from mediff.mri import fft2c, ifft2c, rss, simulate_coil_maps
+from mediff.physics.mri import fft2c, ifft2c, rss, simulate_coil_maps
 from mediff.prior import load_prior
 from mediff.recon import BASELINES
 

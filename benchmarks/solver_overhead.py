@@ -24,7 +24,7 @@ import torch
 
 from common import machine, write_table
 from mri import forward_seconds, median_seconds, tuning_slices
-from mediff.mri import MagnitudeMRI
+from mediff.physics.mri import MagnitudeMRI
 from mediff.prior import load_prior
 from mediff.recon import score, simulate_task, solver_cg_iters
 from mediff.solvers import Problem, solve

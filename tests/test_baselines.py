@@ -26,7 +26,7 @@ from mediff.baselines import (
 )
 from mediff.errors import MediffError
 from mediff.metrics import psnr
-from mediff.operators.base import Identity, LinearOperator, Matrix, adjoint_check, inner
+from mediff.physics.operators import Identity, LinearOperator, Matrix, adjoint_check, inner
 
 C128 = torch.complex128
 F64 = torch.float64

@@ -1,4 +1,4 @@
-"""Tests for mediff.ct: exact adjoints, line-integral geometry, FBP accuracy, low-dose noise, validation."""
+"""Tests for mediff.physics.ct: exact adjoints, line-integral geometry, FBP accuracy, low-dose noise, validation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mediff.ct import (
+from mediff.physics.ct import (
     FanBeamCT,
     ParallelBeamCT,
     check_hu,
@@ -23,7 +23,7 @@ from mediff.ct import (
     sparse_view_angles,
 )
 from mediff.errors import MediffError
-from mediff.operators import adjoint_check
+from mediff.physics.operators import adjoint_check
 
 
 def _grid(n: int, ss: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +102,7 @@ def test_parallel_adjoint_float64(n, angles, n_det, gen):
 
 def test_weighted_adjoint(gen):
     """PWLS whitening W op: exact adjoint over the CT projector (float64) and a complex operator (complex128)."""
-    from mediff.operators import Matrix, Weighted
+    from mediff.physics.operators import Matrix, Weighted
 
     op = ParallelBeamCT(20, sparse_view_angles(12), pixel_size_mm=0.7)
     w = torch.rand(1, 1, op.n_views, op.n_detectors, dtype=torch.float64, generator=gen) + 0.5

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mediff.errors import MediffError
-from mediff.masks import (
+from mediff.physics.masks import (
     MASK_KINDS,
     Mask,
     achieved_acceleration,

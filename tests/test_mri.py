@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mediff.errors import MediffError
-from mediff.masks import equispaced_1d, make_mask, poisson_disc_2d, random_1d
-from mediff.mri import (
+from mediff.physics.masks import equispaced_1d, make_mask, poisson_disc_2d, random_1d
+from mediff.physics.mri import (
     MagnitudeMRI,
     MultiCoilMRI,
     SingleCoilMRI,
@@ -26,7 +26,7 @@ from mediff.mri import (
     simulate_coil_maps,
     simulate_kspace,
 )
-from mediff.operators.base import CenterCrop, PhaseModulated, adjoint_check, conjugate_gradient
+from mediff.physics.operators import CenterCrop, PhaseModulated, adjoint_check, conjugate_gradient
 
 H, W, C = 32, 40, 4  # non-square on purpose: catches swapped axes
 

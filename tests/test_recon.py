@@ -114,8 +114,8 @@ def recon(prior: Path, inp: Path, out: Path, *extra: object) -> tuple[int, str, 
 
 
 def test_dds_png_writes_all_outputs(prior: Path, inputs: dict, tmp_path: Path) -> None:
-    from mediff.masks import make_mask
-    from mediff.mri import fft2c, ifft2c
+    from mediff.physics.masks import make_mask
+    from mediff.physics.mri import fft2c, ifft2c
 
     out = tmp_path / "r"
     code, stdout, err = recon(prior, inputs["png"], out, "--solver", "dds", "--steps", 3, "--accel", 4,
@@ -284,7 +284,7 @@ def test_each_method_runs(prior: Path, inputs: dict, tmp_path: Path, method: str
 
 
 def _multicoil_kspace(n_coils: int = 4) -> np.ndarray:
-    from mediff.mri import fft2c, simulate_coil_maps
+    from mediff.physics.mri import fft2c, simulate_coil_maps
 
     x = torch.from_numpy(phantom()).to(torch.complex64)[None, None]
     maps = simulate_coil_maps((SIZE, SIZE), n_coils)
@@ -326,7 +326,7 @@ def _multicoil_h5(path: Path, n_slices: int = 2, n_coils: int = 4, sigma: float 
     import h5py
     from scipy.ndimage import gaussian_filter
 
-    from mediff.mri import fft2c, ifft2c, rss, simulate_coil_maps
+    from mediff.physics.mri import fft2c, ifft2c, rss, simulate_coil_maps
 
     yy, xx = (np.mgrid[:SIZE, :SIZE] - SIZE / 2) / (SIZE / 2)
     mags = np.stack([gaussian_filter(phantom(), 1.0) * (1 + s / 4) for s in range(n_slices)])
@@ -390,7 +390,7 @@ def test_fastmri_multicoil_hdf5_estimates_noise_end_to_end(prior: Path, tmp_path
 
 
 def _single_coil_npz(path: Path, mask: np.ndarray, undersample: bool) -> np.ndarray:
-    from mediff.mri import fft2c
+    from mediff.physics.mri import fft2c
 
     k = fft2c(torch.from_numpy(phantom()).to(torch.complex64)[None, None])[0].numpy()  # (1, H, W)
     if undersample:
@@ -425,7 +425,7 @@ def test_npz_kspace_with_mask(prior: Path, tmp_path: Path, mask_kind: str) -> No
     assert r.shape == zf.shape == (SIZE, SIZE)
     assert_same_units(r, phantom())
     # The zero-filled output is |F^H y| of the file's k-space, in its units.
-    from mediff.mri import ifft2c
+    from mediff.physics.mri import ifft2c
 
     with np.load(path) as d:
         expected = ifft2c(torch.from_numpy(d["kspace"])[None]).abs()[0, 0].numpy()

@@ -160,7 +160,7 @@ def test_volume_input_middle_slice(files: dict[str, Path], tmp_path: Path) -> No
 
 
 def _sinogram_npz(path: Path, n: int, views: int = 90, **extra: object) -> np.ndarray:
-    from mediff.ct import ParallelBeamCT, hu_to_mu, sparse_view_angles
+    from mediff.physics.ct import ParallelBeamCT, hu_to_mu, sparse_view_angles
 
     hu = regions(n)[0]
     op = ParallelBeamCT(n, sparse_view_angles(views), pixel_size_mm=PX)

@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 import torch
 
-from mediff.ct import ParallelBeamCT, sparse_view_angles
+from mediff.physics.ct import ParallelBeamCT, sparse_view_angles
 from mediff.denoiser import GaussianDenoiser
 from mediff.errors import MediffError
-from mediff.masks import make_mask
-from mediff.mri import SingleCoilMRI
-from mediff.operators import Matrix, PhaseModulated
+from mediff.physics.masks import make_mask
+from mediff.physics.mri import SingleCoilMRI
+from mediff.physics.operators import Matrix, PhaseModulated
 from mediff.samplers import nfe as sampler_nfe
 from mediff.schedules import karras
 from mediff.solvers import SOLVERS, Problem, SolverSpec, grad_guidance, measurement_projection, solve

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from mediff.errors import MediffError
 from mediff.metrics import psnr
-from mediff.operators.base import Identity, LinearOperator, conjugate_gradient, inner
+from mediff.physics.operators import Identity, LinearOperator, conjugate_gradient, inner
 
 __all__ = [
     "Wavelet2D",

@@ -38,10 +38,10 @@ from torch import Tensor
 
 from mediff import baselines, io, metrics
 from mediff.errors import MediffError
-from mediff.masks import make_mask
-from mediff.mri import MagnitudeMRI, MultiCoilMRI, SingleCoilMRI, check_kspace, estimate_coil_maps, estimate_noise_sigma, \
+from mediff.physics.masks import make_mask
+from mediff.physics.mri import MagnitudeMRI, MultiCoilMRI, SingleCoilMRI, check_kspace, estimate_coil_maps, estimate_noise_sigma, \
     lowres_phase, sense_residual_sigma, simulate_coil_maps, simulate_kspace
-from mediff.operators.base import CenterCrop, LinearOperator, Weighted
+from mediff.physics.operators import CenterCrop, LinearOperator, Weighted
 from mediff.solvers import SOLVERS, Problem, solve
 
 BASELINES = ("zero-filled", "tv", "l1wavelet")  # MRI baselines
@@ -347,7 +347,7 @@ def coil_maps(kspace: Tensor, region: tuple[int, int]) -> Tensor:
 
 
 def _rss_from_full(full: Tensor) -> Tensor:
-    from mediff.mri import ifft2c, rss
+    from mediff.physics.mri import ifft2c, rss
 
     return rss(ifft2c(full))
 
@@ -409,11 +409,11 @@ def _baseline(task: Task, method: str, lam: float | None) -> Tensor:
     if method == "zero-filled":
         return task.op.AH(task.y)
     if method == "fbp":
-        from mediff.ct import fbp
+        from mediff.physics.ct import fbp
 
         return fbp(task.op, task.y)
     if task.kind == "ct":  # tv: the weight is relative to ||A||^2 (see DEFAULT_LAMBDA_CT), started at FBP
-        from mediff.ct import fbp
+        from mediff.physics.ct import fbp
 
         lam = DEFAULT_LAMBDA_CT[method] if lam is None else lam
         x0 = fbp(task.op, task.y)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from mediff import io
-from mediff.ct import MU_WATER_PER_MM, ParallelBeamCT, check_hu, check_sinogram, hu_to_mu, limited_angle_angles, \
+from mediff.physics.ct import MU_WATER_PER_MM, ParallelBeamCT, check_hu, check_sinogram, hu_to_mu, limited_angle_angles, \
     simulate_sinogram, sparse_view_angles
 from mediff.errors import MediffError
 from mediff.recon import Task, _fit, _pick_slice

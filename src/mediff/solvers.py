@@ -47,7 +47,7 @@ from torch import Tensor
 
 from mediff.denoiser import Denoiser
 from mediff.errors import MediffError
-from mediff.operators.base import LinearOperator, conjugate_gradient, inner
+from mediff.physics.operators import LinearOperator, conjugate_gradient, inner
 from mediff.samplers import SAMPLERS, Project, nfe
 from mediff.schedules import karras
 

@@ -3,7 +3,7 @@
 Conventions
 -----------
 * A mask is a boolean array of shape (H, W) over *centred* k-space, i.e. the layout produced by
-  :func:`mediff.mri.fft2c`: DC sits at index (H // 2, W // 2). ``True`` means "sampled".
+  :func:`mediff.physics.mri.fft2c`: DC sits at index (H // 2, W // 2). ``True`` means "sampled".
 * 1D (Cartesian) masks select phase-encode columns along the last axis (W); every row is identical.
 * Randomness always comes from an explicit ``numpy.random.Generator`` or an integer seed, never the
   global RNG, so the same seed gives the same mask on every machine.
@@ -19,6 +19,8 @@ from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from mediff.errors import MediffError
 
@@ -367,3 +369,22 @@ def make_mask(kind: str, shape: Sequence[int], accel: float, center_fraction: fl
     _shape(shape)
     accel, cf = _check_accel(accel), _check_fraction(center_fraction)
     return MASK_KINDS[kind](shape, accel, cf, seed)
+
+
+def mask_tensor(mask: object) -> Tensor:
+    """A private copy of ``mask`` as a torch tensor (H, W) or (B, 1, H, W), validated to be 0/1."""
+    if isinstance(mask, Mask):
+        t = torch.from_numpy(mask.mask.copy())
+    elif isinstance(mask, np.ndarray):
+        t = torch.from_numpy(np.array(mask, copy=True))
+    elif isinstance(mask, Tensor):
+        t = mask.detach().clone()
+    else:
+        raise MediffError(f"mask must be a Mask, numpy array or torch tensor, got {type(mask).__name__}")
+    if not (t.dim() == 2 or (t.dim() == 4 and t.shape[1] == 1)):
+        raise MediffError(f"mask must have shape (H, W) or (B, 1, H, W), got {tuple(t.shape)}")
+    if t.dtype != torch.bool:
+        if t.is_complex() or not bool(((t == 0) | (t == 1)).all()):
+            raise MediffError("mask values must be 0 or 1 (bool or float)")
+        t = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return t

@@ -33,30 +33,12 @@ import torch
 from torch import Tensor
 
 from mediff.errors import MediffError
-from mediff.operators.base import LinearOperator
+from mediff.physics.operators import LinearOperator
 
-__all__ = [
-    "FILTERS",
-    "MU_WATER_PER_MM",
-    "FanBeamCT",
-    "ParallelBeamCT",
-    "check_hu",
-    "check_sinogram",
-    "fbp",
-    "filter_sinogram",
-    "hu_to_mu",
-    "limited_angle_angles",
-    "mu_to_hu",
-    "simulate_sinogram",
-    "sparse_view_angles",
-]
-
-MU_WATER_PER_MM = 0.0192  # linear attenuation of water at ~70 keV effective energy, 1/mm
-FILTERS = ("ramp", "hann", "shepp-logan", "cosine")
 
 # Temporary elements per chunk while building matrices: cache-sized, because on small VMs fresh
 # large temporaries cost more in page faults than the arithmetic itself.
-_CHUNK = 1 << 17
+CHUNK = 1 << 17
 
 # (ox, oy, dx, dy) of every ray, in pixel units, image-centred frame.
 Rays = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -188,7 +170,7 @@ def _forward_samples(n: int, alpha: Tensor, g: Tensor, length: Tensor) -> tuple[
     r0 = 0
     while r0 < R:
         s0 = int(crow[r0])
-        r1 = min(max(int(torch.searchsorted(crow, s0 + _CHUNK, right=True)) - 1, r0 + 1), R)
+        r1 = min(max(int(torch.searchsorted(crow, s0 + CHUNK, right=True)) - 1, r0 + 1), R)
         s1 = int(crow[r1])
         ray = torch.repeat_interleave(torch.arange(r0, r1), counts[r0:r1], output_size=s1 - s0)
         k = torch.arange(s0, s1) - offset.index_select(0, ray)
@@ -240,7 +222,7 @@ def _adjoint_samples(
     crow = torch.zeros(n_pad + 1, dtype=torch.long)
     cols, w0s, w1s = [], [], []
     kept = nonzero = 0
-    p_step = max(width, (_CHUNK // (2 * V)) // width * width)  # whole padded rows per chunk
+    p_step = max(width, (CHUNK // (2 * V)) // width * width)  # whole padded rows per chunk
     for p0 in range(0, n_pad, p_step):
         pix = torch.arange(p0, min(n_pad, p0 + p_step))
         kk = (pix // width).double()
@@ -289,7 +271,7 @@ def _adjoint_samples(
 
 
 @contextlib.contextmanager
-def _cpu_threads(n_threads: int | None, device: torch.device | None = None) -> Iterator[None]:
+def limit_cpu_threads(n_threads: int | None, device: torch.device | None = None) -> Iterator[None]:
     """Temporarily use ``n_threads`` intra-op CPU threads (None or a CUDA device: leave as is).
 
     On a small machine shared with other jobs every OpenMP region (elementwise ops, MKL sparse
@@ -429,7 +411,7 @@ class _JosephCT(LinearOperator):
             raise MediffError(f"cpu_threads must be a positive integer or None, got {cpu_threads!r}")
         self._set(n=n, angles_deg=angles_deg, n_detectors=int(n_det), pixel_size_mm=float(pixel_size_mm),
                   cpu_threads=None if cpu_threads is None else int(cpu_threads))
-        with _cpu_threads(self.cpu_threads):
+        with limit_cpu_threads(self.cpu_threads):
             groups = _build_groups(n, self._rays(), self.n_views, self.n_detectors, self._det_index,
                                    self.pixel_size_mm)
         # Cache of the matrices per (device, dtype); filled lazily, the float64 CPU copy is the master.
@@ -476,13 +458,13 @@ class _JosephCT(LinearOperator):
 
     def _forward_raw(self, x: Tensor) -> Tensor:
         dt = self._work_dtype(x)
-        with _cpu_threads(self.cpu_threads, x.device):
+        with limit_cpu_threads(self.cpu_threads, x.device):
             y = _matmul(self._mats(x.device, dt), x.to(dt), self.n, self.n_views * self.n_detectors)
         return y.reshape(x.shape[0], 1, self.n_views, self.n_detectors).to(x.dtype)
 
     def _adjoint_raw(self, y: Tensor) -> Tensor:
         dt = self._work_dtype(y)
-        with _cpu_threads(self.cpu_threads, y.device):
+        with limit_cpu_threads(self.cpu_threads, y.device):
             x = _matmul_t(self._mats(y.device, dt), y.to(dt).reshape(y.shape[0], -1), self.n)
         return x.to(y.dtype)
 
@@ -589,23 +571,23 @@ class FanBeamCT(_JosephCT):
         if fan >= 90.0:
             raise MediffError(f"fan angle {fan:.1f} deg >= 90 deg is not supported; use a smaller detector")
         self._set(source_distance=float(source_distance), detector_distance=float(detector_distance),
-                  detector_spacing=spacing * px, fan_angle_deg=fan, _rs=r_s, _rd=r_d, _spacing=spacing)
+                  detector_spacing=spacing * px, fan_angle_deg=fan, source_px=r_s, detector_px=r_d, spacing_px=spacing)
         self._init_common(n, _as_angles(angles_deg), int(n_detectors), px, cpu_threads)
 
     def _frame(self) -> tuple[Tensor, Tensor]:
         b = torch.deg2rad(self.angles_deg)
         return torch.cos(b), torch.sin(b)
 
-    def _det_offsets(self) -> Tensor:
+    def detector_offsets_px(self) -> Tensor:
         """Detector bin positions along the detector, in pixels (n_det,)."""
-        return (torch.arange(self.n_detectors, dtype=torch.float64) - (self.n_detectors - 1) / 2.0) * self._spacing
+        return (torch.arange(self.n_detectors, dtype=torch.float64) - (self.n_detectors - 1) / 2.0) * self.spacing_px
 
     def _rays(self) -> Rays:
         cos, sin = (t[:, None] for t in self._frame())
-        u = self._det_offsets()[None, :]
+        u = self.detector_offsets_px()[None, :]
         # source S = -rs e, detector point D = rd e + u t, e = (-sin, cos), t = (cos, sin)
-        sx, sy = self._rs * sin, -self._rs * cos
-        px_, py_ = -self._rd * sin + u * cos, self._rd * cos + u * sin
+        sx, sy = self.source_px * sin, -self.source_px * cos
+        px_, py_ = -self.detector_px * sin + u * cos, self.detector_px * cos + u * sin
         dx, dy = px_ - sx, py_ - sy
         norm = torch.sqrt(dx * dx + dy * dy)
         shape = (self.n_views, self.n_detectors)
@@ -617,8 +599,8 @@ class FanBeamCT(_JosephCT):
         cos, sin = torch.cos(b), torch.sin(b)
         along_t = x * cos + y * sin
         along_e = -x * sin + y * cos
-        u = (self._rs + self._rd) * along_t / (along_e + self._rs)
-        return u / self._spacing + (self.n_detectors - 1) / 2.0
+        u = (self.source_px + self.detector_px) * along_t / (along_e + self.source_px)
+        return u / self.spacing_px + (self.n_detectors - 1) / 2.0
 
 
 def check_sinogram(sino: Tensor, op: LinearOperator, finite: bool = True) -> None:
@@ -635,217 +617,3 @@ def check_sinogram(sino: Tensor, op: LinearOperator, finite: bool = True) -> Non
         raise MediffError(f"sinogram must be real floating point, got {sino.dtype}")
     if finite and not bool(torch.isfinite(sino).all()):
         raise MediffError("sinogram contains NaN or inf")
-
-
-# --------------------------------------------------------------------------------------------------
-# Filtered back-projection
-# --------------------------------------------------------------------------------------------------
-
-
-def _filter_response(n_det: int, filter: str, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, int]:
-    """rfft response (P//2+1,) of the windowed discrete ramp for unit spacing, and the padded length P.
-
-    The ramp is the spatial-domain band-limited kernel of Kak & Slaney (h[0] = 1/4, h[odd m] =
-    -1/(pi m)^2, h[even m != 0] = 0), transformed with the FFT: unlike sampling |nu| directly, it has
-    the correct (non-zero) DC term, so there is no cupping / DC offset in the reconstruction.
-    """
-    if filter not in FILTERS:
-        raise MediffError(f"unknown FBP filter {filter!r}; choose one of {', '.join(FILTERS)}")
-    # Zero-pad to a power of two >= 2 n_det so the circular convolution equals the linear one.
-    size = 1 << max(6, math.ceil(math.log2(2 * n_det)))
-    m = torch.arange(size, dtype=torch.float64)
-    m = torch.where(m > size // 2, m - size, m)  # circular offsets: 0, 1, ..., -2, -1
-    h = torch.where(m % 2 == 1, -1.0 / (math.pi * m) ** 2, torch.zeros_like(m))
-    h[0] = 0.25
-    resp = torch.fft.rfft(h).real  # h is even -> real spectrum
-    nu = torch.fft.rfftfreq(size, dtype=torch.float64)  # cycles per detector bin, in [0, 0.5]
-    if filter == "hann":
-        resp = resp * 0.5 * (1.0 + torch.cos(2.0 * math.pi * nu))
-    elif filter == "shepp-logan":
-        resp = resp * torch.sinc(nu)  # torch.sinc(x) = sin(pi x) / (pi x)
-    elif filter == "cosine":
-        resp = resp * torch.cos(math.pi * nu)
-    return resp.to(device=device, dtype=dtype), size
-
-
-def filter_sinogram(sino: Tensor, filter: str = "ramp", spacing: float = 1.0) -> Tensor:
-    """Ramp-filter each projection along the last (detector) axis: q = spacing * (p conv h_spacing).
-
-    ``sino``: (..., n_det), bin width ``spacing``; result has the same shape, in units 1/spacing.
-    ``filter``: "ramp" | "hann" | "shepp-logan" | "cosine" (ramp times that apodisation window).
-    """
-    n_det = sino.shape[-1]
-    dt = sino.dtype if sino.dtype in (torch.float32, torch.float64) else torch.float32
-    resp, size = _filter_response(n_det, filter, dt, sino.device)
-    spec = torch.fft.rfft(sino.to(dt), n=size, dim=-1) * resp
-    # h for spacing tau is h_1 / tau^2; the convolution sum carries one tau -> overall 1/tau.
-    return (torch.fft.irfft(spec, n=size, dim=-1)[..., :n_det] / spacing).to(sino.dtype)
-
-
-def _fan_backproject(op: "FanBeamCT", q: Tensor) -> Tensor:
-    """Distance-weighted pixel-driven back-projection of fan-beam data (Kak & Slaney).
-
-    q: (B, 1, V, D) -> (B, 1, N, N) = sum_v U_v(X)^-2 q_v(det_v(X)), U = (R_s + X.e) / R_s, with linear
-    interpolation on the detector (zero beyond it). The 1/U^2 weight depends jointly on pixel and
-    view, so this cannot be the plain adjoint; it is computed on the fly (differentiable gathers).
-    """
-    b, n, n_det, n_views = q.shape[0], op.n, op.n_detectors, op.n_views
-    dev = q.device
-    dt = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
-    c = (n - 1) / 2.0
-    coords = torch.arange(n, dtype=torch.float64)
-    xs = (coords - c).repeat(n)[:, None]  # (N*N, 1), row-major pixel order
-    ys = (c - coords).repeat_interleave(n)[:, None]
-    # A zero bin on each side of every view: out-of-detector samples read 0 without branching.
-    qp = torch.nn.functional.pad(q.to(dt).reshape(b, n_views, n_det), (1, 1)).reshape(b, -1)
-    beta = torch.deg2rad(op.angles_deg)
-    cos_b, sin_b = torch.cos(beta), torch.sin(beta)
-    out = torch.zeros(b, n * n, dtype=dt, device=dev)
-    step = max(1, _CHUNK // (n * n))  # views per chunk, temporaries kept cache-sized
-    for v0 in range(0, n_views, step):
-        v1 = min(n_views, v0 + step)
-        # Same mapping as FanBeamCT._det_index, sharing the denominator with the distance weight.
-        inv = 1.0 / (op._rs + (ys * cos_b[v0:v1] - xs * sin_b[v0:v1]))  # 1 / (R_s + X.e), (N*N, Vc)
-        along_t = xs * cos_b[v0:v1] + ys * sin_b[v0:v1]
-        idx = (along_t * inv).mul_((op._rs + op._rd) / op._spacing).add_((n_det - 1) / 2.0).clamp_(-1.0, float(n_det))
-        i0 = torch.floor(idx)
-        # Flat index into the padded views; idx == n_det reads the right pad, whose +1 neighbour
-        # (next view's left pad, or clamped to the very last pad) is 0 as well.
-        lin = (i0.long() + 1).add_(torch.arange(v0, v1)[None, :] * (n_det + 2)).to(dev)
-        lin1 = (lin + 1).clamp_max_(n_views * (n_det + 2) - 1)
-        f = (idx - i0).to(device=dev, dtype=dt)
-        weight = (inv * op._rs).square_().to(device=dev, dtype=dt)
-        out = out + ((qp[:, lin] * (1.0 - f) + qp[:, lin1] * f) * weight).sum(-1)
-    return out.reshape(b, 1, n, n)
-
-
-def _median_step_rad(angles_deg: Tensor) -> float:
-    """Median spacing of the sorted view angles, in radians (0 for a single view)."""
-    steps = torch.sort(angles_deg).values.diff()
-    return math.radians(float(steps.median())) if steps.numel() else 0.0
-
-
-def _max_circular_gap_deg(angles_deg: Tensor) -> float:
-    """Largest gap between neighbouring view angles on the 360-degree circle."""
-    a = torch.sort(torch.remainder(angles_deg, 360.0)).values
-    return float(torch.cat([a.diff(), (a[:1] + 360.0 - a[-1:])]).max())
-
-
-def fbp(op: LinearOperator, sino: Tensor, filter: str = "ramp") -> Tensor:
-    """Filtered back-projection: sinogram (B, 1, V, D) of line integrals -> attenuation (B, 1, N, N) in 1/mm.
-
-    Parallel beam: Kak & Slaney ramp (optionally apodised) along the detector, then the exact adjoint
-    ``op.AH``, each view weighted d(theta) = min(pi / V, median angular step). That is exact for views
-    uniform over 180 (or 360) degrees; limited-angle sets keep their true step (missing wedge stays
-    missing, no extrapolation). Fan beam (flat detector): weighted filtering (cosine pre-weight, ramp
-    on the detector scaled to the isocentre, 1/U^2 distance weight), views over a full 360 degrees
-    (weight 2 pi / V); short scans (Parker weights) are not implemented and raise MediffError.
-    """
-    if not isinstance(op, (ParallelBeamCT, FanBeamCT)):
-        raise MediffError(f"fbp needs a ParallelBeamCT or FanBeamCT, got {type(op).__name__}")
-    check_sinogram(sino, op)
-    with _cpu_threads(op.cpu_threads, sino.device):
-        return _fbp(op, sino, filter)
-
-
-def _fbp(op: "ParallelBeamCT | FanBeamCT", sino: Tensor, filter: str) -> Tensor:
-    px = op.pixel_size_mm
-    if isinstance(op, ParallelBeamCT):
-        q = filter_sinogram(sino, filter, spacing=1.0)  # detector bins are one pixel wide
-        d_theta = math.pi / op.n_views
-        if op.n_views > 1:
-            d_theta = min(d_theta, _median_step_rad(op.angles_deg))
-        # op.AH spreads each value with total weight ~1 per view and pixel but carries one factor
-        # pixel_size_mm (path lengths in mm). Result in 1/pixel -> 1/mm.
-        return op.AH(q) * d_theta / (px * px)
-    if op.n_views < 2 or _max_circular_gap_deg(op.angles_deg) > 2.0 * 360.0 / op.n_views + 1e-6:
-        raise MediffError("fan-beam FBP needs views spread uniformly over 360 degrees (short scans are not supported)")
-    # Rescale the flat detector to a virtual one through the isocentre (magnification M).
-    mag = (op._rs + op._rd) / op._rs
-    p = op._det_offsets() / mag  # virtual detector coordinates, pixels
-    pre = (op._rs / torch.sqrt(op._rs**2 + p**2)).to(device=sino.device, dtype=sino.dtype)
-    # 1/2: over 360 degrees every line is measured twice.
-    q = 0.5 * filter_sinogram(sino * pre, filter, spacing=op._spacing / mag)
-    return _fan_backproject(op, q) * (2.0 * math.pi / op.n_views) / px
-
-
-# --------------------------------------------------------------------------------------------------
-# HU mapping, validation and low-dose simulation
-# --------------------------------------------------------------------------------------------------
-
-
-def hu_to_mu(hu: Tensor | float, mu_water: float = MU_WATER_PER_MM) -> Tensor | float:
-    """Hounsfield units -> linear attenuation in 1/mm: mu = mu_water (1 + HU / 1000)."""
-    if not mu_water > 0:
-        raise MediffError(f"mu_water must be > 0 (1/mm), got {mu_water!r}")
-    return mu_water * (1.0 + hu / 1000.0)
-
-
-def mu_to_hu(mu: Tensor | float, mu_water: float = MU_WATER_PER_MM) -> Tensor | float:
-    """Linear attenuation in 1/mm -> Hounsfield units: HU = 1000 (mu / mu_water - 1)."""
-    if not mu_water > 0:
-        raise MediffError(f"mu_water must be > 0 (1/mm), got {mu_water!r}")
-    return 1000.0 * (mu / mu_water - 1.0)
-
-
-def check_hu(image: Tensor | np.ndarray) -> None:
-    """Raise MediffError unless ``image`` looks like a CT slice in Hounsfield units.
-
-    A real HU slice contains air (about -1000 HU) around the patient, so the minimum must be below
-    -500; images normalised to [0, 1], 8-bit images or attenuation maps (~0.02 /mm) all fail that.
-    Values beyond [-10000, 100000] HU are rejected as implausible (wrong units or corrupt data).
-    """
-    arr = torch.as_tensor(np.asarray(image)) if not isinstance(image, Tensor) else image.detach()
-    if arr.numel() == 0:
-        raise MediffError("CT image is empty")
-    if arr.is_complex() or arr.dtype == torch.bool:
-        raise MediffError(f"CT image must be real-valued HU, got {arr.dtype}")
-    arr = arr.double()
-    if not bool(torch.isfinite(arr).all()):
-        raise MediffError("CT image contains NaN or inf")
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo > -500.0:
-        raise MediffError(
-            f"CT image does not look like Hounsfield units: values in [{lo:.4g}, {hi:.4g}] contain no air "
-            "(about -1000 HU); convert normalised or attenuation data to HU first"
-        )
-    if lo < -10000.0 or hi > 100000.0:
-        raise MediffError(f"CT image values [{lo:.4g}, {hi:.4g}] are implausible for Hounsfield units")
-
-
-def simulate_sinogram(
-    mu_image: Tensor,
-    op: LinearOperator,
-    dose_I0: float | None = None,  # noqa: N803 - I0 is the standard symbol
-    electronic_noise_sigma: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Simulate measured line integrals from an attenuation image (B, 1, N, N) in 1/mm.
-
-    Clean: p = A mu. Low dose (``dose_I0`` = unattenuated photons per detector bin): counts ~
-    Poisson(I0 exp(-p)) + N(0, electronic_noise_sigma^2), floored at 1 count (log of a non-positive
-    count is undefined; this caps p at log(I0)), then p_noisy = -log(counts / I0).
-    Randomness comes only from ``generator`` (required when noise is simulated); the global torch
-    RNG is never touched. Returns (B, 1, n_views, n_detectors) in the dtype of ``mu_image``.
-    """
-    # Validate everything before the (possibly large) projection.
-    if dose_I0 is None:
-        if electronic_noise_sigma:
-            raise MediffError("electronic_noise_sigma is in detector counts and needs dose_I0")
-        return op.A(mu_image)
-    if not (math.isfinite(float(dose_I0)) and float(dose_I0) > 0):
-        raise MediffError(f"dose_I0 must be a positive photon count, got {dose_I0!r}")
-    if not (math.isfinite(float(electronic_noise_sigma)) and float(electronic_noise_sigma) >= 0):
-        raise MediffError(f"electronic_noise_sigma must be >= 0, got {electronic_noise_sigma!r}")
-    if generator is None:
-        raise MediffError("simulate_sinogram needs an explicit torch.Generator for reproducible noise")
-    p = op.A(mu_image)
-    # Poisson sampling in float64: float32 rates lose integer resolution above ~1.6e7 counts.
-    rate = float(dose_I0) * torch.exp(-p.detach().double())
-    counts = torch.poisson(rate, generator=generator)
-    if electronic_noise_sigma > 0:
-        counts = counts + float(electronic_noise_sigma) * torch.randn(
-            counts.shape, dtype=counts.dtype, device=counts.device, generator=generator
-        )
-    counts = counts.clamp_min(1.0)
-    return (-torch.log(counts / float(dose_I0))).to(p.dtype)
