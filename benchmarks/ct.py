@@ -4,7 +4,7 @@ Evaluation patients: the prior's validation subjects (``data.val_subjects`` in i
 ``--model``, else the last 10 patient ids (sorted). TV's weight is tuned per task on 3 other
 patients (the last 3 sorted ids outside the evaluation set), never on evaluation ones. Slices are
 resampled to ``--size`` (area downsampling; the working pixel keeps its size in mm) and their
-parallel-beam sinograms simulated (``mediff.recon_ct.simulate_ct_task``, noise seeded per slice).
+parallel-beam sinograms simulated (``mediff.recon.simulate_ct``, noise seeded per slice).
 PSNR/SSIM on HU clipped to [-1000, 1000] (data_range 2000), as ``mediff reconstruct`` reports them.
 ``--samples K``: every diffusion solver draws K posterior samples per slice (one batch) and is scored on
 their mean, the estimate ``mediff reconstruct --samples K`` writes (NFE stays per sample).
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from common import RESULTS, machine, write_table
-from mediff.recon import CT_BASELINES, run_solver, score
-from mediff.recon_ct import fit_hu, hu_window, simulate_ct_task
+from mediff.recon import CTOptions, CTTask, run_solver, simulate_ct
+from mediff.recon.ct import fit_hu, hu_window
 from mediff.solvers import SOLVERS
 
 # name -> (views, limited angle (deg) or None, dose I0 or None)
@@ -66,7 +66,7 @@ def load_slices(data: Path, patients: list[str], n: int | None) -> list[tuple[st
 def make_task(hu: np.ndarray, px: float, size: int, spec: tuple, seed: int, hu_range: tuple[float, float]):
     work, _, px_work, _ = fit_hu(hu, size, px)
     views, limited, dose = spec
-    task = simulate_ct_task(work, views, limited, dose, seed, px_work, hu_range)
+    task = simulate_ct(work, CTOptions(views, limited, dose), seed, px_work, hu_range)
     task.op.A(torch.zeros(1, 1, size, size))  # build the float32 copy of the projector before timing
     return task
 
@@ -76,7 +76,7 @@ def tune(slices: list, size: int, hu_range: tuple[float, float], tasks: dict[str
     out = {}
     for name, spec in tasks.items():
         tasks = [make_task(hu, px, size, spec, 1000 + i, hu_range) for i, (_, hu, px) in enumerate(slices)]
-        means = {lam: float(np.mean([score(t, run_solver(t, "tv", lam=lam).mean)["PSNR"] for t in tasks]))
+        means = {lam: float(np.mean([t.score(run_solver(t, "tv", lam=lam).mean)["PSNR"] for t in tasks]))
                  for lam in LAMBDA_GRID}
         out[name] = max(means, key=means.get)
         print(f"tune {name}: " + "  ".join(f"{k:g}: {v:.2f}" for k, v in means.items()) + f" -> {out[name]:g}",
@@ -117,7 +117,7 @@ def main() -> None:
         eval_ids = all_ids[-10:]
     tune_ids = tuning_patients(all_ids, eval_ids, N_TUNE_PATIENTS)
     tasks = {k: TASKS[k] for k in args.tasks.split(",") if k}
-    methods = list(CT_BASELINES) + ([s for s in args.solvers.split(",") if s] if prior is not None else [])
+    methods = list(CTTask.baselines) + ([s for s in args.solvers.split(",") if s] if prior is not None else [])
 
     t0 = time.perf_counter()
     lams = tune(load_slices(args.data, tune_ids, N_TUNE_PATIENTS), args.size, hu_range, tasks)  # 1 per patient
@@ -133,14 +133,14 @@ def main() -> None:
         for i, (pid, hu, px) in enumerate(slices):
             task = make_task(hu, px, args.size, spec, i, hu_range)
             for m in methods:
-                k = 1 if m in CT_BASELINES else args.samples
+                k = 1 if m in CTTask.baselines else args.samples
                 r = run_solver(task, m, prior, args.steps, seed=i, samples=k, lam=lams[name] if m == "tv" else None)
-                acc[m].append({**score(task, r.mean), "seconds": r.seconds, "NFE": r.nfe})
+                acc[m].append({**task.score(r.mean), "seconds": r.seconds, "NFE": r.nfe})
             print(f"{name} slice {i + 1}/{len(slices)} ({pid}): " +
                   "  ".join(f"{m} {acc[m][-1]['PSNR']:.2f}" for m in methods), flush=True)
         for m in methods:
             a = acc[m]
-            rows.append({"task": name, "method": m, "samples": 1 if m in CT_BASELINES else args.samples,
+            rows.append({"task": name, "method": m, "samples": 1 if m in CTTask.baselines else args.samples,
                          "NFE": a[0]["NFE"],
                          "PSNR": float(np.mean([r["PSNR"] for r in a])),
                          "PSNR_sd": float(np.std([r["PSNR"] for r in a])),

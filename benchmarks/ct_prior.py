@@ -22,8 +22,8 @@ from common import machine, write_table
 from ct import load_slices, make_task
 from mediff import metrics
 from mediff.prior import load_prior
-from mediff.recon import run_solver, score
-from mediff.recon_ct import fit_hu, hu_window
+from mediff.recon import run_solver
+from mediff.recon.ct import fit_hu, hu_window
 
 SIGMAS = (0.05, 0.1, 0.2)
 
@@ -57,7 +57,7 @@ def main() -> None:
                 den = torch.cat([prior(c, torch.full((len(c),), s)) for c in noisy.split(16)])
             row[f"denoise_PSNR_s{s}"] = float(metrics.psnr(den, clean, 1.0).mean())
         for m in ["fbp", *args.solvers.split(",")]:
-            psnr = [score(t, run_solver(t, m, prior, args.steps, seed=i).mean)["PSNR"]
+            psnr = [t.score(run_solver(t, m, prior, args.steps, seed=i).mean)["PSNR"]
                     for i, t in enumerate(make_task(hu, px, size, (args.views, None, None), i, hu_range)
                                           for i, (_, hu, px) in enumerate(slices))]
             row[f"{m}_{args.views}v_PSNR"] = float(np.mean(psnr))

@@ -1,7 +1,7 @@
 """DDS settings side by side: DDIM's noise renewal eta and the CG steps per update, on held-out data.
 
 Each setting runs as a DDS variant (``SolverSpec("ddim", "prox", cg_iters, eta)``, registered under a
-temporary name) next to the shipped ``dds`` (with its per-operator CG count, ``recon.dds_cg_iters``)
+temporary name) next to the shipped ``dds`` (with its per-operator CG count, ``recon.policy.DDS_CG_ITERS``)
 and TV, on the same slices, seeds and masks, on four operators: CT at 60 views and low dose (I0 = 1e4,
 180 views) (``--ct-model`` ct, evaluation patients and TV weights as in ``ct.py``), and MRI x4
 single-coil and 8-coil (``--mri-model`` brain-t1, evaluation subjects as in ``mri.py``). Seconds
@@ -27,8 +27,9 @@ from ct import TASKS as CT_TASKS
 from ct import load_slices, make_task, tuning_patients
 from mri import TUNE_SEED, forward_seconds, split_subjects
 from mediff.prior import load_prior
-from mediff.recon import DEFAULT_LAMBDA, run_solver, score, simulate_task
-from mediff.recon_ct import hu_window
+from mediff.recon import MRIOptions, run_solver, simulate_mri
+from mediff.recon.ct import hu_window
+from mediff.recon.policy import BASELINE_LAMBDA, DDS_CG_ITERS
 from mediff.solvers import SOLVERS, SolverSpec
 
 CT_SWEEP_TASKS = ("60 views", "low dose I0=1e4 (180 views)")
@@ -74,18 +75,17 @@ def main() -> None:
     if args.mri_slices:
         mri = load_prior(args.mri_model)
         lam_file = RESULTS / "mri_lambda.json"
-        mri_lam = json.loads(lam_file.read_text())["lambda"] if lam_file.exists() else DEFAULT_LAMBDA
+        mri_lam = json.loads(lam_file.read_text())["lambda"] if lam_file.exists() else BASELINE_LAMBDA["mri"]
         tune_subj, eval_subj = split_subjects(mri)
         subjects, seed = (tune_subj, TUNE_SEED) if args.tuning else (eval_subj, 0)
         imgs, _ = heldout_slices(args.data / "ixi_t1" / "ixi_t1_axial_128.npz", subjects, args.mri_slices, seed)
         for coils in MRI_COILS:
-            tasks = [simulate_task(im, 4.0, seed=i, coils=coils) for i, im in enumerate(imgs)]
+            tasks = [simulate_mri(im, MRIOptions(accel=4.0, coils=coils), seed=i) for i, im in enumerate(imgs)]
             rows += _rows(f"MRI x4 {coils}-coil", tasks, methods, mri, args.steps, mri_lam, args.samples)
     write_table(args.name, rows, {**machine(), "ct_model": args.ct_model, "mri_model": args.mri_model,
                                   "ct_slices": args.ct_slices, "mri_slices": args.mri_slices, "steps": args.steps,
                                   "samples": args.samples, "tuning": args.tuning,
-                                  "shipped_dds": {"cg_iters": SOLVERS["dds"].cg_iters, "eta": SOLVERS["dds"].eta,
-                                                  "single_coil_mri_cg_iters": "recon.dds_cg_iters"}})
+                                  "shipped_dds": {"cg_iters": DDS_CG_ITERS, "eta": SOLVERS["dds"].eta}})
 
 
 def _rows(task_name: str, tasks: list, methods: list[str], prior, steps: int, lams: dict,
@@ -97,7 +97,7 @@ def _rows(task_name: str, tasks: list, methods: list[str], prior, steps: int, la
             k = 1 if m == "tv" else samples
             r = run_solver(task, m, prior, steps, seed=i, samples=k, lam=lams.get(m))
             # K samples run as one batch of K: their time is over K x NFE batch-1 forwards
-            acc[m].append((score(task, r.mean)["PSNR"], r.seconds, r.seconds / (k * r.nfe * fwd) if r.nfe else np.nan))
+            acc[m].append((task.score(r.mean)["PSNR"], r.seconds, r.seconds / (k * r.nfe * fwd) if r.nfe else np.nan))
         print(f"{task_name} slice {i + 1}/{len(tasks)}: " + "  ".join(f"{m} {acc[m][-1][0]:.2f}" for m in methods),
               flush=True)
     rows = []

@@ -23,7 +23,6 @@ import types
 import torch
 from torch import Tensor
 
-from mediff.physics.operators import PhaseModulated
 
 
 class _Missing:
@@ -94,8 +93,7 @@ def deepinv_dps(task, prior, steps: int = 1000, seed: int = 0, weight: float = 1
     operator (with the task's low-resolution phase for MRI) is deepinv's ``LinearPhysics``.
     """
     dinv = import_deepinv()
-    op, y = task.data()
-    op = op if task.phase is None else PhaseModulated(op, task.phase)
+    op, y = task.solver_operator(), task.data()[1]
     physics = dinv.physics.LinearPhysics(A=op.A, A_adjoint=op.AH)
     model = dinv.sampling.DPS(_PriorAsDeepinvDenoiser(prior), num_steps=steps, weight=weight,
                               rng=torch.Generator().manual_seed(seed))

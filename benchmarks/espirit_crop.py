@@ -1,7 +1,7 @@
 """ESPIRiT's support threshold (``crop``: keep pixels whose top eigenvalue exceeds it) side by side.
 
 On slices of the tuning subjects of ``mri.py`` (8 simulated coils, x4), for each mask kind (its own
-calibration region, ``recon.calib_region``) and each ``--crops`` value, the maps are estimated with
+calibration region, ``recon.mri.calib_region``) and each ``--crops`` value, the maps are estimated with
 that threshold and one DDS solve (50 NFE, seed per slice) and the zero-filled image are scored, with the
 fraction of the image inside the maps' support and the fraction of the reference's signal energy that
 falls outside it (signal there cannot be explained by A, whatever the solver does).
@@ -21,7 +21,8 @@ from common import machine, write_table
 from mri import tuning_slices
 from mediff.physics.mri import MultiCoilMRI, estimate_coil_maps, lowres_phase
 from mediff.prior import load_prior
-from mediff.recon import ESPIRIT_CROP, calib_region, espirit_kernel, run_solver, score, simulate_task
+from mediff.recon import MRIOptions, run_solver, simulate_mri
+from mediff.recon.mri import ESPIRIT_CROP, calib_region, espirit_kernel
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     for mask_kind in args.masks.split(","):
         acc: dict[float, list[tuple[float, ...]]] = {}
         for i, img in enumerate(imgs):
-            task = simulate_task(img, 4.0, mask_kind, coils=args.coils, seed=i)
+            task = simulate_mri(img, MRIOptions(accel=4.0, mask=mask_kind, coils=args.coils), seed=i)
             region = calib_region(task.mask)
             kspace = task.y[0] * task.scale
             ref = task.reference[0, 0].numpy()
@@ -49,8 +50,8 @@ def main() -> None:
                                                                 crop=crop))
                 inside = op.support[0, 0].bool().numpy()
                 t = dataclasses.replace(task, op=op, phase=lowres_phase(task.y, op, region), support=op.support)
-                dds = score(t, run_solver(t, "dds", prior, 50, seed=i).mean)["PSNR"]
-                zf = score(t, run_solver(t, "zero-filled").mean)["PSNR"]
+                dds = t.score(run_solver(t, "dds", prior, 50, seed=i).mean)["PSNR"]
+                zf = t.score(run_solver(t, "zero-filled").mean)["PSNR"]
                 acc.setdefault(crop, []).append((dds, zf, inside.mean(), (ref[~inside] ** 2).sum() / (ref ** 2).sum()))
             print(f"{mask_kind} slice {i + 1}/{len(imgs)}: " +
                   "  ".join(f"crop {c:g} dds {v[-1][0]:.2f}" for c, v in acc.items()), flush=True)

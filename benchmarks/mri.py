@@ -27,7 +27,8 @@ import torch
 
 from common import RESULTS, heldout_slices, machine, write_table
 from mediff.prior import load_prior
-from mediff.recon import BASELINES, DEFAULT_LAMBDA, run_solver, score, simulate_task
+from mediff.recon import MRIOptions, MRITask, run_solver, simulate_mri
+from mediff.recon.policy import BASELINE_LAMBDA
 from mediff.solvers import SOLVERS
 
 LAMBDA_GRID = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1)
@@ -84,17 +85,17 @@ def run_method(task, method: str, prior, steps: int, seed: int, samples: int, la
         from deepinv_ref import deepinv_dps
 
         img, n, sec = deepinv_dps(task, prior, external_steps, seed=seed, weight=lam)
-        return {**score(task, img), "seconds": sec, "NFE": n}
+        return {**task.score(img), "seconds": sec, "NFE": n}
     r = run_solver(task, method, prior, steps, seed=seed, samples=samples, lam=lam,
                    cg_iters=cg_iters if method in SOLVERS else None)
-    return {**score(task, r.mean), "seconds": r.seconds, "NFE": r.nfe}
+    return {**task.score(r.mean), "seconds": r.seconds, "NFE": r.nfe}
 
 
 def tune(images: np.ndarray, accel: float, coils: int, methods: tuple[str, ...], prior=None,
          external_steps: int = 100) -> dict[str, float]:
     """Per method, the weight of its grid (baselines: LAMBDA_GRID; deepinv-dps: DEEPINV_WEIGHT_GRID)
     with the best mean PSNR on the tuning slices."""
-    tasks = [simulate_task(im, accel, seed=1000 + i, coils=coils) for i, im in enumerate(images)]
+    tasks = [simulate_mri(im, MRIOptions(accel=accel, coils=coils), seed=1000 + i) for i, im in enumerate(images)]
     out = {}
     for method in methods:
         means = {}
@@ -115,14 +116,14 @@ def main() -> None:
     ap.add_argument("--accels", default="4,8")
     ap.add_argument("--coils", default="1,8")
     ap.add_argument("--solvers", default="dds,ddnm,dps,mcg,langevin")
-    ap.add_argument("--baselines", default=",".join(BASELINES))
+    ap.add_argument("--baselines", default=",".join(MRITask.baselines))
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--tune", action="store_true", help="tune baseline weights on the tuning subjects and exit")
     ap.add_argument("--tune-subjects", type=int, default=TUNE_SUBJECTS)
     ap.add_argument("--tune-slices", type=int, default=8)
     ap.add_argument("--samples", type=int, default=1, help="posterior samples per slice (scored: their mean)")
     ap.add_argument("--cg-iters", type=int, default=None,
-                    help="CG steps per update of the diffusion solvers (default: recon.solver_cg_iters)")
+                    help="CG steps per update of the diffusion solvers (default: recon.policy)")
     ap.add_argument("--name", default="mri")
     ap.add_argument("--external", default="", help="external references (deepinv-dps; needs `make bench-deps`), "
                     "with --tune: tune their weights too")
@@ -144,19 +145,19 @@ def main() -> None:
                                         "external_steps": args.external_steps}, indent=2))
         print("tuned:", lams)
         return
-    lams = json.loads(lam_file.read_text())["lambda"] if lam_file.exists() else DEFAULT_LAMBDA
+    lams = json.loads(lam_file.read_text())["lambda"] if lam_file.exists() else BASELINE_LAMBDA["mri"]
     if missing := [m for m in externals if m not in lams]:
         ap.error(f"no tuned weight for {missing}: run --tune --external {','.join(externals)} first")
     imgs, ids = heldout_slices(npz, eval_subj, args.n_slices)
     methods = [m for m in args.solvers.split(",") + [*externals] + args.baselines.split(",") if m]
     # baselines are deterministic; the external reference draws one sample
-    samples = {m: 1 if m in BASELINES or m in EXTERNAL else args.samples for m in methods}
+    samples = {m: 1 if m in MRITask.baselines or m in EXTERNAL else args.samples for m in methods}
     rows, fwds = [], []
     for coils in (int(c) for c in args.coils.split(",")):
         for accel in (float(a) for a in args.accels.split(",")):
             acc: dict[str, list[dict]] = {m: [] for m in methods}
             for i, im in enumerate(imgs):
-                task = simulate_task(im, accel, seed=i, coils=coils)
+                task = simulate_mri(im, MRIOptions(accel=accel, coils=coils), seed=i)
                 fwd = forward_seconds(prior)
                 fwds.append(fwd)
                 for m in methods:

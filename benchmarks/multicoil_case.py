@@ -38,7 +38,7 @@ from common import machine, write_table
 from mediff import io, metrics
 from mediff.physics.mri import fft2c, ifft2c, rss, simulate_coil_maps
 from mediff.prior import load_prior
-from mediff.recon import BASELINES
+from mediff.recon import MRITask
 
 SOLVERS = ("dds", "ddnm", "dps", "mcg", "langevin")
 GRID = 128  # the training slices' grid: 120 x 90 axial slices zero-padded to 128 x 128
@@ -49,7 +49,7 @@ def axial_slices(volume: Path) -> np.ndarray:
     zero-padded (centred) like the training NPZ."""
     import nibabel.orientations as nio
 
-    from mediff.recon import SLICE_ORIENTATION
+    from mediff.recon.grid import SLICE_ORIENTATION
 
     img = io.read_image(volume)
     arr = np.asarray(img.array, dtype=np.float32)
@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--file-slices", type=int, default=8, help="slices written to the HDF5 file")
     ap.add_argument("--slices", default="2,5", help="file slices reconstructed (--slice K)")
     ap.add_argument("--solvers", default=",".join(SOLVERS))
-    ap.add_argument("--baselines", default=",".join(BASELINES))
+    ap.add_argument("--baselines", default=",".join(MRITask.baselines))
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default 50, --smoke 3)")
     ap.add_argument("--smoke", action="store_true", help="3 steps and results named NAME_smoke: checks the plumbing")
     ap.add_argument("--seed", type=int, default=0, help="seed of phase, coils and noise")

@@ -11,7 +11,7 @@ operator. ``time_over_NFE_x_forward`` as in ``mri.py`` (one batch-1 forward time
 from __future__ import annotations
 
 import argparse
-import time
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +19,11 @@ import torch
 
 from common import machine, write_table
 from mri import forward_seconds, median_seconds, tuning_slices
-from mediff.physics.mri import MagnitudeMRI
-from mediff.physics.operators import PhaseModulated
 from mediff.prior import load_prior
-from mediff.recon import score, simulate_task, solver_cg_iters
-from mediff.solvers import Problem, solve
+from mediff.recon import MRIOptions, run_solver, simulate_mri
 
-VARIANTS = {"fft": PhaseModulated, "row matrices": MagnitudeMRI}
+# MRITask.row_gram: A^H A by FFTs (False) or by the per-row matrices the pipeline uses (True).
+VARIANTS = {"fft": False, "row matrices": True}
 
 
 def main() -> None:
@@ -44,22 +42,18 @@ def main() -> None:
     for accel in (float(a) for a in args.accels.split(",")):
         acc: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         for i, img in enumerate(imgs):
-            task = simulate_task(img, accel, coils=args.coils, seed=i)
+            task = simulate_mri(img, MRIOptions(accel=accel, coils=args.coils), seed=i)
             fwd = forward_seconds(prior)
             x1 = torch.randn(1, 1, *task.shape, generator=torch.Generator().manual_seed(i))
-            for variant, cls in VARIANTS.items():
-                op = cls(task.op, task.phase)
+            for variant, row_gram in VARIANTS.items():
+                t = dataclasses.replace(task, row_gram=row_gram)
+                op = t.solver_operator()
                 ms = 1e3 * median_seconds(lambda: op.normal(x1), reps=50)
                 acc.setdefault((variant, "normal"), []).append((np.nan, ms, np.nan))
-                problem = Problem(op, task.y, task.noise_sigma)
                 for m in args.solvers.split(","):
-                    t0 = time.perf_counter()
-                    x, nfe = solve(prior, problem, (1, 1, *task.shape), m, sigma_data=prior.meta["sigma_data"],
-                                   sigma_min=prior.sigma_min, sigma_max=prior.sigma_max,
-                                   generator=torch.Generator().manual_seed(i), cg_iters=solver_cg_iters(task, m))
-                    sec = time.perf_counter() - t0
-                    psnr = score(task, x.detach().abs())["PSNR"]
-                    acc.setdefault((variant, m), []).append((psnr, sec, sec / (nfe * fwd)))
+                    r = run_solver(t, m, prior, seed=i)
+                    acc.setdefault((variant, m), []).append((t.score(r.mean)["PSNR"], r.seconds,
+                                                             r.seconds / (r.nfe * fwd)))
             print(f"x{accel:g} slice {i + 1}/{len(imgs)}", flush=True)
         for (variant, what), v in acc.items():
             psnr, sec, ratio = (np.array(c) for c in zip(*v))

@@ -24,9 +24,9 @@ import torch
 
 from common import machine, write_table
 from mri import forward_seconds, median_seconds, tuning_slices
-from mediff.physics.mri import MagnitudeMRI
 from mediff.prior import load_prior
-from mediff.recon import score, simulate_task, solver_cg_iters
+from mediff.recon import MRIOptions, simulate_mri
+from mediff.recon.run import default_cg_iters
 from mediff.solvers import Problem, solve
 
 
@@ -60,14 +60,14 @@ def main() -> None:
     for coils in (int(c) for c in args.coils.split(",")):
         acc: dict[str, list[tuple[float, ...]]] = {}
         for i, img in enumerate(imgs):
-            task = simulate_task(img, args.accel, coils=coils, seed=i)
-            op = MagnitudeMRI(task.op, task.phase)  # what recon.run_solver builds
+            task = simulate_mri(img, MRIOptions(accel=args.accel, coils=coils), seed=i)
+            op = task.solver_operator()  # what recon.run_solver solves with
             fwd = forward_seconds(prior)
             x1 = torch.randn(1, 1, *task.shape, generator=torch.Generator().manual_seed(i))
             acc.setdefault("normal", []).append(
                 (1e3 * median_seconds(lambda: op.normal(x1), reps=50), after_forward_ms(prior, op.normal, x1)))
             problem = Problem(op, task.y, task.noise_sigma)
-            for k in sorted({*(int(c) for c in args.cg.split(",")), solver_cg_iters(task, "dds")}):
+            for k in sorted({*(int(c) for c in args.cg.split(",")), default_cg_iters(task, "dds")}):
                 net = [0.0, 0]
 
                 def timed(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -82,8 +82,8 @@ def main() -> None:
                                sigma_data=prior.meta["sigma_data"], sigma_min=prior.sigma_min,
                                sigma_max=prior.sigma_max, generator=torch.Generator().manual_seed(i), cg_iters=k)
                 sec = time.perf_counter() - t0
-                key = f"dds cg={k}" + (" (shipped)" if k == solver_cg_iters(task, "dds") else "")
-                acc.setdefault(key, []).append((score(task, x.detach().abs())["PSNR"], net[0] / (nfe * fwd),
+                key = f"dds cg={k}" + (" (shipped)" if k == default_cg_iters(task, "dds") else "")
+                acc.setdefault(key, []).append((task.score(task.image(x.detach()))["PSNR"], net[0] / (nfe * fwd),
                                                 1e3 * (sec - net[0]) / net[1], sec / (nfe * fwd)))
             print(f"{coils} coil(s) slice {i + 1}/{len(imgs)}", flush=True)
         for method, v in acc.items():

@@ -363,7 +363,7 @@ def test_lowres_phase_full_band_resolves_the_sampled_direction() -> None:
     obj, support = _phantom(n)
     y = (torch.arange(n, dtype=torch.float64) - n // 2) / (n / 2)
     x = (obj.abs() * torch.exp(1j * 1.5 * torch.sin(4 * math.pi * y))[:, None]).view(1, 1, n, n)
-    from mediff.recon import calib_region
+    from mediff.recon.mri import calib_region
 
     mask = random_1d((n, n), 4, 0.16, 0).tensor()
     rows, cols = calib_region(mask.numpy())

@@ -81,7 +81,7 @@ def test_ct_ships_with_its_model_card_and_hu_mapping() -> None:
 
 def test_ct_denoises_held_out_patients(ct_dir: Path) -> None:
     """At sigma = 0.1 (200 HU) on every slice of the patients the ct prior never saw: > 5 dB gain."""
-    from mediff.recon_ct import fit_hu
+    from mediff.recon.ct import fit_hu
 
     prior = mediff.load_prior("ct")
     d = np.load(ct_dir / "ct_hu_512.npz")

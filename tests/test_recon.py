@@ -140,7 +140,7 @@ def test_dds_png_writes_all_outputs(prior: Path, inputs: dict, tmp_path: Path) -
 
     rec_json = metrics_of(out)
     assert rec_json["solver"] == "dds" and rec_json["nfe"] == 3 and rec_json["steps"] == 3
-    assert rec_json["cg_iters"] == 5  # single-coil MRI (recon.dds_cg_iters)
+    assert rec_json["cg_iters"] == 5  # single-coil MRI (recon.policy.DDS_CG_ITERS)
     assert isinstance(rec_json["seconds"], (int, float)) and rec_json["seconds"] >= 0
     rows = rows_by_method(rec_json)
     assert set(rows) == {"dds", "zero-filled", "tv"}
@@ -243,9 +243,9 @@ def test_multicoil_images_are_zero_outside_the_maps_support(prior: Path) -> None
     there: every reconstruction (solver samples, their mean and std, baselines) is zero outside
     ``Task.support``, which is the maps' support; single-coil tasks have none."""
     from mediff.prior import load_prior
-    from mediff.recon import run_solver, simulate_task
+    from mediff.recon import MRIOptions, run_solver, simulate_mri
 
-    task = simulate_task(phantom() / 800.0, 3.0, center_fraction=0.25, seed=0, coils=4)
+    task = simulate_mri(phantom() / 800.0, MRIOptions(accel=3.0, center_fraction=0.25, coils=4), seed=0)
     inside = task.support
     assert inside is not None and inside.shape == (1, 1, SIZE, SIZE)
     torch.testing.assert_close(inside, (task.op.coil_maps.abs().sum(1, keepdim=True) > 0).float())
@@ -254,7 +254,7 @@ def test_multicoil_images_are_zero_outside_the_maps_support(prior: Path) -> None
     for img in (r.mean, r.std, r.samples[:, 0], run_solver(task, "tv").mean):
         assert float(img[(inside == 0).expand_as(img)].abs().max()) == 0.0
         assert float(img[(inside == 1).expand_as(img)].abs().max()) > 0
-    assert simulate_task(phantom() / 800.0, 3.0, center_fraction=0.25, seed=0).support is None
+    assert simulate_mri(phantom() / 800.0, MRIOptions(accel=3.0, center_fraction=0.25), seed=0).support is None
 
 
 # ------------------------------------------------------------------------ every method
@@ -353,7 +353,8 @@ def test_fastmri_multicoil_hdf5_estimates_noise_end_to_end(prior: Path, tmp_path
     reaches the solver as Task.noise_sigma and is reported in metrics.json; --noise / --coils, which only
     simulate k-space from images, are named as ignored."""
     pytest.importorskip("h5py")
-    from mediff.recon import calib_region, prepare_mri
+    from mediff.recon import MRIOptions, prepare_mri
+    from mediff.recon.mri import calib_region
 
     path = tmp_path / "case.h5"
     sigma = 16.0  # 2 % of the phantom's peak (800), per complex entry
@@ -379,7 +380,7 @@ def test_fastmri_multicoil_hdf5_estimates_noise_end_to_end(prior: Path, tmp_path
     # The solvers get the estimate, in the normalised units of y; the phase is calibrated on the whole
     # band of fully-sampled centre columns (all rows).
     # Multi-coil: the likelihood std is the larger of the noise estimate and the SENSE residual.
-    task = prepare_mri(path, SIZE, 3, center_fraction=0.25, slice_index=1)
+    task = prepare_mri(path, SIZE, MRIOptions(accel=3, center_fraction=0.25), slice_index=1)
     assert problem["sense_residual_sigma"] > 0
     assert task.noise_sigma == pytest.approx(max(problem["noise_sigma"], problem["sense_residual_sigma"]), rel=1e-6)
     assert problem["noise_sigma"] * task.scale == pytest.approx(problem["noise_sigma_kspace_units"], rel=1e-6)
@@ -524,7 +525,7 @@ def test_cg_iters_option_reaches_the_solver(prior: Path, inputs: dict, tmp_path:
     """``--cg-iters K`` runs DDS with K CG steps per update instead of the default (5 single-coil):
     another image, and metrics.json records K; ``run_solver(cg_iters=K)`` likewise."""
     from mediff.prior import load_prior
-    from mediff.recon import prepare_mri, run_solver
+    from mediff.recon import MRIOptions, prepare_mri, run_solver
 
     outs = {k: tmp_path / f"cg{k}" for k in (None, 1)}
     for k, out in outs.items():
@@ -535,7 +536,7 @@ def test_cg_iters_option_reaches_the_solver(prior: Path, inputs: dict, tmp_path:
     default, one = (read_nifti(out / "recon.nii.gz")[0] for out in outs.values())
     assert not np.allclose(default, one, atol=1e-4 * default.max())
     p = load_prior(prior)
-    task = prepare_mri(inputs["png"], p.image_size, 4.0, center_fraction=0.125)
+    task = prepare_mri(inputs["png"], p.image_size, MRIOptions(accel=4.0, center_fraction=0.125))
     direct = run_solver(task, "dds", p, steps=3, seed=0, cg_iters=1).mean
     assert not torch.equal(direct, run_solver(task, "dds", p, steps=3, seed=0).mean)
 
@@ -572,17 +573,18 @@ def test_dds_cg_steps_follow_the_operator(prior: Path, monkeypatch: pytest.Monke
     """DDS runs 5 CG steps on single-coil MRI (a near-projection normal operator), the solver's
     default on multi-coil MRI and more on CT; ``run_solver`` hands that count to the solver."""
     from mediff.prior import load_prior
-    from mediff.recon import CT_DDS_CG_ITERS, dds_cg_iters, run_solver, simulate_task, solver_cg_iters
-    from mediff.recon_ct import simulate_ct_task
+    from mediff.recon import CTOptions, MRIOptions, run_solver, simulate_ct, simulate_mri
+    from mediff.recon.policy import DDS_CG_ITERS
+    from mediff.recon.run import default_cg_iters
     from mediff.solvers import SOLVERS, SolverSpec
 
-    single = simulate_task(phantom() / 800.0, 4.0, center_fraction=0.125, seed=0, coils=1)
-    multi = simulate_task(phantom() / 800.0, 4.0, center_fraction=0.125, seed=0, coils=4)
-    ct = simulate_ct_task(phantom(peak=1000.0) - 1000.0, views=20, seed=0)
-    assert dds_cg_iters(single) == solver_cg_iters(single, "dds") == 5
-    assert dds_cg_iters(multi) == SOLVERS["dds"].cg_iters > 5
-    assert dds_cg_iters(ct) == CT_DDS_CG_ITERS > SOLVERS["dds"].cg_iters
-    assert solver_cg_iters(single, "ddnm") == SOLVERS["ddnm"].cg_iters
+    single = simulate_mri(phantom() / 800.0, MRIOptions(accel=4.0, center_fraction=0.125, coils=1), seed=0)
+    multi = simulate_mri(phantom() / 800.0, MRIOptions(accel=4.0, center_fraction=0.125, coils=4), seed=0)
+    ct = simulate_ct(phantom(peak=1000.0) - 1000.0, CTOptions(views=20), seed=0)
+    assert default_cg_iters(single, "dds") == DDS_CG_ITERS["mri-single"] == 5
+    assert default_cg_iters(multi, "dds") == DDS_CG_ITERS["mri-multi"] > 5
+    assert default_cg_iters(ct, "dds") == DDS_CG_ITERS["ct"] > DDS_CG_ITERS["mri-multi"]
+    assert default_cg_iters(single, "ddnm") == SOLVERS["ddnm"].cg_iters
     p = load_prior(prior)
     monkeypatch.setitem(SOLVERS, "dds-cg5", SolverSpec("ddim", "prox", cg_iters=5, eta=SOLVERS["dds"].eta))
     a, b = (run_solver(single, m, p, steps=3, seed=1).mean for m in ("dds", "dds-cg5"))

@@ -24,7 +24,7 @@ import torch
 
 from mediff import io
 from mediff.errors import MediffError
-from mediff.recon import CT_DDS_CG_ITERS
+from mediff.recon.policy import DDS_CG_ITERS
 
 N = 64
 PX = 1.5  # mm
@@ -174,14 +174,13 @@ def _sinogram_npz(path: Path, n: int, views: int = 90, **extra: object) -> np.nd
 def test_sinogram_file_and_rebinning(tmp_path: Path, n: int, size: int | None) -> None:
     """A measured sinogram on its own grid, downsampled (detector rebinned) and on a larger grid whose
     centre is half a pixel off the image's (rebinning shifts each view): FBP stays calibrated."""
-    from mediff.recon import run_solver, score
-    from mediff.recon_ct import prepare_ct
+    from mediff.recon import prepare_ct, run_solver
 
     _sinogram_npz(tmp_path / "s.npz", n)
     task = prepare_ct(tmp_path / "s.npz", size)
-    assert task.kind == "ct" and task.phase is None and task.reference is not None
+    assert task.kind == "ct" and task.solver_operator() is task.op and task.reference is not None
     res = run_solver(task, "fbp")
-    assert score(task, res.mean)["PSNR"] > (30 if size is None else 24)
+    assert task.score(res.mean)["PSNR"] > (30 if size is None else 24)
     out = task.input_units(res.mean)
     assert out.shape == (n, n)
     _, air, water, _ = regions(n)
@@ -200,7 +199,7 @@ def test_ct_prior_dds(tiny_priors: dict[str, Path], files: dict[str, Path], tmp_
     assert_hu(load(out / "fbp.nii.gz"), bone=False)  # via the prior's 32 px grid: the 9 px insert blurs
     rec = json.loads((out / "metrics.json").read_text())
     assert rec["metrics"][0]["method"] == "dds" and rec["metrics"][0]["NFE"] > 0 and rec["problem"]["grid"] == 32
-    assert rec["cg_iters"] == CT_DDS_CG_ITERS  # CT's ill-conditioned normal operator (recon.dds_cg_iters)
+    assert rec["cg_iters"] == DDS_CG_ITERS["ct"]  # CT's ill-conditioned normal operator
     assert "coverage90" in rec
 
 
@@ -254,15 +253,14 @@ def test_bad_input(files: dict[str, Path], tmp_path: Path, case: str, needle: st
 
 
 def test_baselines_are_modality_specific(files: dict[str, Path]) -> None:
-    from mediff.recon import prepare_mri, run_solver
-    from mediff.recon_ct import prepare_ct
+    from mediff.recon import CTOptions, MRIOptions, prepare_ct, prepare_mri, run_solver
 
-    ct = prepare_ct(files["nii"], None, views=30)
+    ct = prepare_ct(files["nii"], None, CTOptions(views=30))
     for m in ("zero-filled", "l1wavelet"):
         with pytest.raises(MediffError, match="MRI-only"):
             run_solver(ct, m)
-    mri = prepare_mri(files["mr"], 64, 4.0)
-    assert mri.kind == "mri" and mri.mask is not None and mri.display is mri.mask
+    mri = prepare_mri(files["mr"], 64, MRIOptions(accel=4.0))
+    assert mri.kind == "mri" and mri.mask is not None and [p.kind for p in mri.data_panels()] == ["mask"]
     with pytest.raises(MediffError, match="CT-only"):
         run_solver(mri, "fbp")
     with pytest.raises(MediffError, match="not a CT prior"):
@@ -274,24 +272,23 @@ def test_u_operator_has_unit_norm(views: int, limited: float | None) -> None:
     """DPS/MCG gradient steps need ||op|| ~ 1: the task's operator is A / (px sqrt(N V)), and its data
     are the physical line integrals divided by the same factor (FBP of them is the reference)."""
     from mediff.baselines import op_norm
-    from mediff.recon import run_solver, score
-    from mediff.recon_ct import simulate_ct_task
+    from mediff.recon import CTOptions, run_solver, simulate_ct
 
-    task = simulate_ct_task(regions(48)[0], views, limited, pixel_size_mm=0.7)
+    task = simulate_ct(regions(48)[0], CTOptions(views=views, limited_angle=limited), pixel_size_mm=0.7)
     assert 0.8 < float(op_norm(task.op, torch.zeros(1, 1, 48, 48), 50)[0]) < 1.2
     np.testing.assert_allclose(task.op.A(task.reference), task.y, rtol=1e-4, atol=1e-4 * float(task.y.abs().max()))
     if limited is None:
-        assert score(task, run_solver(task, "fbp").mean)["PSNR"] > 25
+        assert task.score(run_solver(task, "fbp").mean)["PSNR"] > 25
 
 
 def test_low_dose_weights_whiten_the_poisson_noise() -> None:
     """Low dose: bins through the body are noisier than bins through air (var ~ exp(p) / I0); the
     task's weights make the whitened noise homoscedastic with std ``noise_sigma`` (PWLS)."""
-    from mediff.recon_ct import simulate_ct_task
+    from mediff.recon import CTOptions, simulate_ct
 
     hu = regions(N)[0]
     hu = np.where(hu > -1000, hu + 1000.0, hu)  # twice water's attenuation: a wide range of line integrals
-    task = simulate_ct_task(hu, views=60, dose=1e4, seed=0, pixel_size_mm=PX)  # p up to ~3: no photon starvation
+    task = simulate_ct(hu, CTOptions(views=60, dose=1e4), seed=0, pixel_size_mm=PX)  # p up to ~3: no photon starvation
     clean = task.op.A(task.reference.double()).float()
     resid = (task.y - clean)[0, 0]
     p = clean[0, 0]
@@ -302,7 +299,7 @@ def test_low_dose_weights_whiten_the_poisson_noise() -> None:
     assert raw > 1.5, raw  # heteroscedastic
     assert 0.8 < float(white[hi].std() / white[lo].std()) < 1.25
     assert abs(float(white.std()) / task.noise_sigma - 1) < 0.15
-    noiseless = simulate_ct_task(hu, views=60, pixel_size_mm=PX)
+    noiseless = simulate_ct(hu, CTOptions(views=60), pixel_size_mm=PX)
     assert noiseless.weights is None and noiseless.data()[0] is noiseless.op
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from mediff.errors import MediffError
 
 PERCENTILE = 99.5
-HU_WINDOW = (-1000.0, 1000.0)  # u = 0 at air, u = 1 at +1000 HU; the CT metric window of mediff.recon_ct
+HU_WINDOW = (-1000.0, 1000.0)  # u = 0 at air, u = 1 at +1000 HU; the CT metric window of mediff.recon.ct
 INTENSITIES = ("auto", "percentile", "hu")
 
 
@@ -55,7 +55,7 @@ class SliceSet:
 
 
 def hu_normalization(hu_min: float = HU_WINDOW[0], hu_max: float = HU_WINDOW[1]) -> dict:
-    """The metadata record of the HU window (``io.Normalization`` form, read by ``recon_ct.hu_window``)."""
+    """The metadata record of the HU window (``io.Normalization`` form, read by ``recon.ct.hu_window``)."""
     return {"kind": "hu_window", "offset": hu_min, "scale": hu_max - hu_min, "clip": None,
             "params": {"hu_min": hu_min, "hu_max": hu_max}}
 

@@ -191,11 +191,9 @@ class SolverSpec:
 
 
 SOLVERS: dict[str, SolverSpec] = {
-    # DDS: DDIM with noise renewal eta and a few CG steps. The paper's scripts use eta = 0.85; measured
-    # by benchmarks/dds_sweep.py (CT 60 views, 2 held-out slices; MRI x4, 6 held-out slices), eta = 1
-    # is +0.5 dB over 0.85 on both and +1.8 (CT) / +1.6 (MRI) over the deterministic eta = 0. The CG
-    # count suits multi-coil MRI; recon.dds_cg_iters sets it per operator (5 single-coil MRI, whose
-    # normal operator is nearly a projection; 40 CT, whose spectrum is spread).
+    # DDS: DDIM with noise renewal eta and a few CG steps. eta = 1 beat the paper's 0.85 and the
+    # deterministic eta = 0 on held-out CT and MRI (benchmarks/dds_sweep.py). The CG count is the
+    # solver's default when called directly; mediff.recon.policy sets it per operator family.
     "dds": SolverSpec("ddim", "prox", cg_iters=20, eta=1.0),
     "ddnm": SolverSpec("ddpm", "prox", cg_iters=50),
     "dps": SolverSpec("ddpm", "grad", cg_iters=50, backward=True),
@@ -211,7 +209,7 @@ def solve(denoiser: Denoiser, problem: Problem, x_shape: tuple[int, ...], solver
     """Draw one posterior sample per item of ``x_shape`` (B, ...). Returns (x, NFE per item).
 
     ``cg_iters``: CG steps of the guidance's prox, replacing the solver's ``SolverSpec.cg_iters``
-    (how many a problem needs depends on its operator's conditioning; ``recon.dds_cg_iters``).
+    (how many a problem needs depends on its operator's conditioning; ``recon.policy.DDS_CG_ITERS``).
     For several samples per measurement, repeat the items of y (and of a per-item operator) along B.
     """
     if solver not in SOLVERS:

@@ -1,4 +1,4 @@
-"""``mediff demo``: reconstruct a real brain MR slice from 4x undersampled k-space with the shipped prior.
+"""The ``demo`` command: reconstruct a real brain MR slice from 4x undersampled k-space with the shipped prior.
 
 The image is the MNI152 (ICBM 2009a) T1 template that nilearn ships inside its wheel; it is read
 straight from the installed package (nilearn itself is not imported), so nothing is downloaded.
@@ -11,6 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+import typer
+
+from mediff.cli.app import app, console
+from mediff.cli.output import check_output, output_dir
+from mediff.cli.reconstruct import print_metrics
 from mediff.errors import MediffError
 
 MNI_FILE = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -54,26 +59,33 @@ def demo_slice(out: Path) -> Path:
     return io.write_nifti(out, small, slice_affine, overwrite=True)
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("mediff-demo"), help="Output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Reconstruct a real brain MR slice (MNI152 T1, shipped in nilearn) from 4x undersampled k-space."""
+    run_demo(out, overwrite)
+
+
 def run_demo(out: Path = Path("mediff-demo"), overwrite: bool = False, solver: str = "mcg", steps: int = 50) -> dict:
     """Reconstruct the MNI slice at x4 (1D random mask, 8 % centre) with MCG beside zero-filled and TV.
 
     MCG, not the CLI's fast default DDS: on single-coil data it is the most accurate solver at the same
-    50 NFE (benchmarks/results/mri_single.md), at about 2.5x DDS's time, well inside the demo's budget."""
+    50 NFE (benchmarks/mri.py), at a few times DDS's time, well inside the demo's budget."""
     import tempfile
 
-    from mediff.cli import check_output, console, output_dir
-    from mediff.recon import reconstruct_file
+    from mediff.recon import ReconRequest, reconstruct
 
     check_output(out, overwrite)
     console.print(f"[bold]mediff demo[/]: MNI152 T1 slice (z = {DEMO_Z_MM:g} mm, {DEMO_SPACING_MM:g} mm pixels), "
                   f"k-space simulated and undersampled x4, reconstructed with {solver} ({steps} steps) and brain-t1")
     with tempfile.TemporaryDirectory() as tmp, output_dir(out, overwrite) as dest:
         src = demo_slice(Path(tmp) / "mni152_t1_slice.nii.gz")
-        rec = reconstruct_file(src, dest, "brain-t1", solver, 4.0, "random1d", 0.08, steps, seed=0,
-                               compare=("zero-filled", "tv"), command=f"mediff demo --out {out}")
+        req = ReconRequest(input=src, model="brain-t1", solver=solver, steps=steps, seed=0,
+                           compare=("zero-filled", "tv"), command=f"mediff demo --out {out}")
+        rec = reconstruct(req, dest)
         (dest / "input.nii.gz").write_bytes(src.read_bytes())
-    for row in rec["metrics"]:
-        console.print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-                      highlight=False)
+    print_metrics(rec["metrics"])
     console.print(f"[green]report:[/] {out / 'report.html'}")
     return rec

@@ -1,4 +1,4 @@
-"""CT reconstruction problems from files: the CT side of ``mediff reconstruct`` (see ``mediff.recon``).
+"""CT reconstruction problems from files: as a ``CTTask``.
 
 Inputs:
 
@@ -29,7 +29,7 @@ FBP is calibrated for any pixel size, so FBP of y_u is u; TV weights are relativ
 Noise: for low dose, var(p) ~ exp(p) / I0 per bin (Poisson counts, delta method, p the measured
 line integral): bins behind dense anatomy are far noisier than bins through air. The task carries
 the mean noise std s = sqrt(mean var) / (a k) in u units and per-bin weights w = s / std_bin
-(``Task.weights``); the diffusion solvers and TV solve the whitened problem (w op, w y), whose noise
+(``CTTask.weights``); the diffusion solvers and TV solve the whitened problem (w op, w y), whose noise
 is homoscedastic with std s: penalised weighted least squares. FBP uses the unweighted data.
 Noiseless data: 0 and no weights (data consistency is enforced exactly).
 """
@@ -37,20 +37,26 @@ Noiseless data: 0 and no weights (data consistency is enforced exactly).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import ClassVar
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from mediff import io
-from mediff.physics.ct import MU_WATER_PER_MM, ParallelBeamCT, check_hu, check_sinogram, hu_to_mu, limited_angle_angles, \
-    simulate_sinogram, sparse_view_angles
+from mediff import baselines, io
 from mediff.errors import MediffError
-from mediff.recon import Task, _fit, _pick_slice
+from mediff.physics.ct import MU_WATER_PER_MM, ParallelBeamCT, check_hu, check_sinogram, fbp, hu_to_mu, \
+    limited_angle_angles, simulate_sinogram, sparse_view_angles
+from mediff.physics.operators import LinearOperator, Weighted
+from mediff.recon import policy
+from mediff.recon.grid import GridMap, fit_to_grid, pick_slice
+from mediff.recon.options import CTOptions
+from mediff.recon.task import Task
+from mediff.report import Panel
 
-DEFAULT_VIEWS = 60
 METRIC_WINDOW = (-1000.0, 1000.0)  # HU window of PSNR/SSIM (data_range 2000)
 MAX_BASELINE_SIZE = 256  # working grid without a prior: the input grid, downsampled to at most this
 # Volumes are reoriented so slices look like stored axial DICOM images (rows to P, columns to L),
@@ -84,7 +90,8 @@ def u_coefficients(hu_min: float, hu_max: float, mu_water: float = MU_WATER_PER_
     return mu_water * (hu_max - hu_min) / 1000.0, mu_water * (1.0 + hu_min / 1000.0)
 
 
-def _check_options(views: int | None, limited_angle: float | None, dose: float | None) -> None:
+def _check_options(options: CTOptions) -> None:
+    views, limited_angle, dose = options.views, options.limited_angle, options.dose
     if views is not None and (int(views) != views or views < 1):
         raise MediffError(f"--views must be a positive integer, got {views!r}")
     if limited_angle is not None and not 0.0 < float(limited_angle) <= 180.0:
@@ -93,12 +100,12 @@ def _check_options(views: int | None, limited_angle: float | None, dose: float |
         raise MediffError(f"--dose must be a positive photon count I0, got {dose!r}")
 
 
-def fit_hu(hu: np.ndarray, size: int, pixel_size_mm: float) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray],
+def fit_hu(hu: np.ndarray, size: int, pixel_size_mm: float) -> tuple[np.ndarray, GridMap,
                                                                       float, str | None]:
     """An HU slice (H, W) on the size x size working grid (area downsampling, padded with air) ->
     (HU (size, size), map back to (H, W), working pixel size in mm, note)."""
     h, w = hu.shape
-    work, back, note = _fit(np.asarray(hu, dtype=np.float32) + 1000.0, size)  # 0 = air: pads with air
+    work, back, note = fit_to_grid(np.asarray(hu, dtype=np.float32) + 1000.0, size)  # 0 = air: pads with air
     factor = max(h, w) / size if max(h, w) > size else 1.0
     # ``back`` crops and interpolates bilinearly (weights sum to 1), so it maps HU to HU directly.
     return work - 1000.0, back, pixel_size_mm * factor, note
@@ -134,12 +141,92 @@ def _angles(views: int, limited_angle: float | None) -> tuple[torch.Tensor, str]
     return limited_angle_angles(views, limited_angle), f"0-{float(limited_angle):g} deg (limited angle)"
 
 
-def simulate_ct_task(hu: np.ndarray, views: int = DEFAULT_VIEWS, limited_angle: float | None = None,
-                     dose: float | None = None, seed: int = 0, pixel_size_mm: float = 1.0,
-                     hu_range: tuple[float, float] = (-1000.0, 1000.0)) -> Task:
+@dataclass(kw_only=True)
+class CTTask(Task):
+    """A CT problem in u units: op maps a u image (1, 1, N, N) to a sinogram (1, 1, V, D) (``op = A / k``,
+    module docstring). sinogram: (V, D) line integrals shown in the report, or None; weights: like y,
+    noise_sigma / std per bin when the noise varies per bin (low dose), else None; window: HU window
+    of the metrics."""
+
+    sinogram: np.ndarray | None = None
+    weights: Tensor | None = None
+    window: tuple[float, float] = METRIC_WINDOW
+
+    kind: ClassVar[str] = "ct"
+    baselines: ClassVar[tuple[str, ...]] = ("fbp", "tv")
+    companion: ClassVar[str] = "fbp"
+    title: ClassVar[str] = "mediff CT reconstruction"
+    dicom_modality: ClassVar[str] = "CT"
+    error_fraction: ClassVar[float] = 0.1
+
+    def data(self) -> tuple[LinearOperator, Tensor]:
+        """Whitened by ``weights`` when the noise varies per bin (weighted least squares), the noise std
+        then being ``noise_sigma`` everywhere."""
+        if self.weights is None:
+            return self.op, self.y
+        return Weighted(self.op, self.weights), self.weights * self.y
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.op.n, self.op.n
+
+    @property
+    def summary(self) -> str:
+        return f"{self.info['views']} views"
+
+    @property
+    def family(self) -> str:
+        return "ct"
+
+    def image(self, x: Tensor) -> Tensor:
+        return x.real.float()
+
+    def baseline(self, method: str, lam: float | None) -> Tensor:
+        self.check_baseline(method)
+        x0 = fbp(self.op, self.y)
+        if method == "fbp":
+            return x0
+        # TV: the weight is relative to ||A||^2 (policy.BASELINE_LAMBDA), started at FBP; PWLS for low dose.
+        lam = policy.BASELINE_LAMBDA["ct"][method] if lam is None else lam
+        op, y = self.data()
+        s = float(baselines.op_norm(op, x0, 30)[0]) * 1.01
+        return baselines.tv_reconstruct(op, y, lam * s * s, iters=policy.BASELINE_ITERS["ct"], x0=x0, a_norm=s)
+
+    def scored(self, image: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, float]:
+        """Both in HU clipped to the window and measured from its lower end (air = 0): data_range is the
+        window's width, and NMSE is relative to the clipped HU."""
+        lo, hi = self.window
+        img, ref = ((t * self.scale + self.offset).clamp(lo, hi) - lo for t in (image, reference))
+        return img, ref, hi - lo
+
+    @property
+    def units(self) -> str:
+        lo, hi = self.window
+        return (f"PSNR/SSIM/NMSE on the working grid, HU clipped to [{lo:g}, {hi:g}] (data_range {hi - lo:g}); "
+                f"NMSE of the clipped HU measured from {lo:g}")
+
+    def shown(self, x: Tensor) -> np.ndarray:
+        return x[0, 0].detach().float().cpu().numpy() * self.scale + self.offset
+
+    def shown_std(self, std: Tensor) -> np.ndarray:
+        return std[0, 0].detach().float().cpu().numpy() * self.scale
+
+    def display_range(self, fallback: Tensor) -> tuple[float, float]:
+        return self.window
+
+    def data_panels(self) -> list[Panel]:
+        if self.sinogram is None:
+            return []
+        return [Panel(f"sinogram ({self.info['views']} views, {self.info['angles']})",
+                      np.asarray(self.sinogram, dtype=np.float32), caption="line integrals (views x detectors)")]
+
+
+def simulate_ct(hu: np.ndarray, options: CTOptions = CTOptions(), seed: int = 0, pixel_size_mm: float = 1.0,
+                hu_range: tuple[float, float] = (-1000.0, 1000.0)) -> CTTask:
     """The CT problem of an HU slice (N, N) on the working grid (see module docstring); the slice
     (in u units) is the reference. Attenuation below air (HU < -1000) is clipped to 0 for simulation."""
-    _check_options(views, limited_angle, dose)
+    _check_options(options)
+    views, limited_angle, dose = options.n_views, options.limited_angle, options.dose
     hu = np.asarray(hu, dtype=np.float64)
     if hu.ndim != 2 or hu.shape[0] != hu.shape[1]:
         raise MediffError(f"the CT working grid must be square (N, N), got {hu.shape}")
@@ -159,22 +246,22 @@ def simulate_ct_task(hu: np.ndarray, views: int = DEFAULT_VIEWS, limited_angle: 
     info = {"source": "simulated from image", "views": int(views), "angles": span, "dose_I0": dose,
             "pixel_size_mm": float(pixel_size_mm), "grid": hu.shape[0], "hu_window": [hu_min, hu_max],
             "noise_sigma_u": noise}
-    return Task(op, _u_data(y, op, k, hu_min, hu_max), None, noise, hu_max - hu_min, ref,
-                y[0, 0].float().numpy(), lambda x: x, np.eye(4), notes, info, kind="ct", offset=hu_min,
-                window=METRIC_WINDOW, weights=weights)
+    return CTTask(op=op, y=_u_data(y, op, k, hu_min, hu_max), noise_sigma=noise, scale=hu_max - hu_min,
+                  reference=ref, notes=notes, info=info, offset=hu_min, sinogram=y[0, 0].float().numpy(),
+                  weights=weights)
 
 
-def prepare_ct(path: Path, size: int | None, views: int | None = DEFAULT_VIEWS, limited_angle: float | None = None,
-               dose: float | None = None, seed: int = 0, normalization: dict | None = None,
-               slice_index: int | None = None, prior_name: str | None = None) -> Task:
+def prepare_ct(path: Path, size: int | None, options: CTOptions = CTOptions(), seed: int = 0,
+               normalization: dict | None = None, slice_index: int | None = None,
+               prior_name: str | None = None) -> CTTask:
     """Read ``path`` and build the CT inverse problem in the prior's u units (module docstring).
 
     size: working grid N (the prior's image size); None = the input grid, at most MAX_BASELINE_SIZE
     (baselines without a prior). normalization: the prior's metadata normalisation (None: HU window
-    [-1000, 1000]); a non-CT one raises MediffError. Views default to DEFAULT_VIEWS.
+    [-1000, 1000]); a non-CT one raises MediffError.
     """
     hu_range = hu_window(normalization, prior_name)
-    _check_options(views, limited_angle, dose)
+    _check_options(options)
     path = Path(path)
     fmt = io.detect_format(path)
     if fmt == "npz":
@@ -184,7 +271,7 @@ def prepare_ct(path: Path, size: int | None, views: int | None = DEFAULT_VIEWS, 
         except (OSError, ValueError) as exc:
             raise MediffError(f"cannot read npz {path}: {exc}") from None
         if is_sino:
-            return _prepare_sinogram(path, size, views, limited_angle, dose, hu_range)
+            return _prepare_sinogram(path, size, options, hu_range)
     image, affine, px, notes = _read_hu(path, fmt, slice_index)
     check_hu(image)
     own_grid = size is None
@@ -193,8 +280,7 @@ def prepare_ct(path: Path, size: int | None, views: int | None = DEFAULT_VIEWS, 
     work, back, px_work, fit_note = fit_hu(image, size, px)
     if own_grid and fit_note:
         fit_note = fit_note.replace("the prior's", "a", 1)
-    task = simulate_ct_task(work, DEFAULT_VIEWS if views is None else views, limited_angle, dose, seed, px_work,
-                            hu_range)
+    task = simulate_ct(work, options, seed, px_work, hu_range)
     task.to_input, task.affine = back, affine
     task.notes[:0] = [n for n in (*notes, fit_note) if n]
     task.notes.append(f"working grid {size}x{size}, pixel {px_work:.3g} mm")
@@ -222,7 +308,7 @@ def _read_hu(path: Path, fmt: str, slice_index: int | None) -> tuple[np.ndarray,
                     ps = np.atleast_1d(z["pixel_spacing_mm"]).astype(float)
                     spacing = float(ps[k] if ps.size == arr.shape[0] else ps[0])
     else:
-        image, affine, note = _pick_slice(img, slice_index, CT_SLICE_ORIENTATION, axis=2)
+        image, affine, note = pick_slice(img, slice_index, CT_SLICE_ORIENTATION, axis=2)
         if note:
             notes.append(note)
         if fmt == "npz" and arr.ndim == 2:
@@ -260,9 +346,9 @@ def _rebin(sino: np.ndarray, spacing: float, n_new: int, new_spacing: float, shi
     return out
 
 
-def _prepare_sinogram(path: Path, size: int | None, views: int | None, limited_angle: float | None,
-                      dose: float | None, hu_range: tuple[float, float]) -> Task:
-    """A measured parallel-beam sinogram (module docstring) as a Task on the working grid."""
+def _prepare_sinogram(path: Path, size: int | None, options: CTOptions, hu_range: tuple[float, float]) -> CTTask:
+    """A measured parallel-beam sinogram (module docstring) as a CTTask on the working grid."""
+    views, limited_angle, dose = options.views, options.limited_angle, options.dose
     with np.load(path, allow_pickle=False) as z:
         missing = [k for k in ("angles_deg", "image_size") if k not in z.files]
         if missing:
@@ -290,14 +376,14 @@ def _prepare_sinogram(path: Path, size: int | None, views: int | None, limited_a
     if (views is not None and views != angles.size) or limited_angle is not None:
         notes.append("--views / --limited-angle ignored: the sinogram file fixes the geometry")
     size = min(n, MAX_BASELINE_SIZE) if size is None else size
-    _, back, fit_note = _fit(np.zeros((n, n), np.float32), size)
+    _, back, fit_note = fit_to_grid(np.zeros((n, n), np.float32), size)
     f = min(1.0, size / n)
     m = max(1, round(n * f))
     px_w = px * n / m
     op, k = unit_operator(size, torch.from_numpy(angles), px_w)
     noise_p = 0.0 if dose is None else _sinogram_noise(torch.from_numpy(sino), dose)[0]
     if (m, px_w) != (size, px) or op.n_detectors != n_det:
-        # Object centre in the working grid (``_fit`` pads top/left by (size - m) // 2), in mm.
+        # Object centre in the working grid (``fit_to_grid`` pads top/left by (size - m) // 2), in mm.
         off = ((size - m) // 2 + (m - 1) / 2.0 - (size - 1) / 2.0) * px_w
         th = np.deg2rad(angles)
         shift = off * np.cos(th) - off * np.sin(th)  # s of the centre (x = off, y = -off)
@@ -323,6 +409,6 @@ def _prepare_sinogram(path: Path, size: int | None, views: int | None, limited_a
     info = {"source": "sinogram file", "views": int(angles.size),
             "angles": f"{angles.min():.4g}-{angles.max():.4g} deg",
             "dose_I0": dose, "pixel_size_mm": px_w, "grid": size, "hu_window": [hu_min, hu_max], "noise_sigma_u": noise}
-    return Task(op, _u_data(y, op, k, hu_min, hu_max), None, noise, hu_max - hu_min, ref, y[0, 0].float().numpy(),
-                back, np.diag([px, px, 1.0, 1.0]), notes, info, kind="ct", offset=hu_min, window=METRIC_WINDOW,
-                weights=weights)
+    return CTTask(op=op, y=_u_data(y, op, k, hu_min, hu_max), noise_sigma=noise, scale=hu_max - hu_min,
+                  reference=ref, to_input=back, affine=np.diag([px, px, 1.0, 1.0]), notes=notes, info=info,
+                  offset=hu_min, sinogram=y[0, 0].float().numpy(), weights=weights)

@@ -1,0 +1,31 @@
+"""Reconstruction: one trained prior solves the imaging inverse problem of a user's file.
+
+Layout: ``options`` (what a user asks: ``MRIOptions``, ``CTOptions``, ``ReconRequest``), ``task``
+(the ``Task`` every method works on), ``mri`` / ``ct`` (each modality's task and how files become
+one), ``grid`` (input grid <-> working grid), ``policy`` (tuned CG steps and baseline weights),
+``run`` (a solver or baseline on a task), ``outputs`` (NIfTI, DICOM, report) and ``job`` (the
+``mediff reconstruct`` job).
+
+Names load lazily, so that the CLI can read ``options`` without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ALL_BASELINES": "run", "ReconResult": "run", "run_solver": "run",
+    "CTOptions": "options", "MRIOptions": "options", "ReconRequest": "options",
+    "CTTask": "ct", "prepare_ct": "ct", "simulate_ct": "ct",
+    "MRITask": "mri", "prepare_mri": "mri", "simulate_mri": "mri",
+    "Task": "task", "prepare": "job", "reconstruct": "job",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mediff.recon' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"mediff.recon.{_EXPORTS[name]}"), name)
+
+
+__all__ = sorted(_EXPORTS)

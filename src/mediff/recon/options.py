@@ -1,0 +1,73 @@
+"""What a user asks of a reconstruction: the modality options and the request of one job. Every
+default lives here once; the CLI and the Python API read it from these classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class MRIOptions:
+    """How k-space is simulated or retrospectively undersampled. ``accel``: acceleration; ``mask``:
+    random1d | equispaced1d | poisson2d | radial; ``center_fraction``: fully-sampled centre fraction;
+    ``coils``: simulated coils for image input (1 = single-coil); ``noise``: simulated complex noise std
+    as a fraction of the image's 99.5th percentile."""
+
+    accel: float = 4.0
+    mask: str = "random1d"
+    center_fraction: float = 0.08
+    coils: int = 1
+    noise: float = 0.0
+
+    def changed(self) -> tuple[str, ...]:
+        """CLI names (``--accel`` ...) of the options that differ from their defaults."""
+        default = MRIOptions()
+        return tuple("--" + f.name.replace("_", "-") for f in fields(self)
+                     if getattr(self, f.name) != getattr(default, f.name))
+
+
+@dataclass(frozen=True)
+class CTOptions:
+    """How a CT sinogram is simulated: ``views`` over 180 degrees (None: ``DEFAULT_VIEWS``), or over
+    [0, ``limited_angle``) degrees; ``dose``: I0 photons per detector bin (Poisson noise; for a
+    sinogram file, its I0)."""
+
+    views: int | None = None
+    limited_angle: float | None = None
+    dose: float | None = None
+
+    DEFAULT_VIEWS = 60
+
+    @property
+    def given(self) -> bool:
+        """Whether any CT option was set (which selects CT mode)."""
+        return any(v is not None for v in (self.views, self.limited_angle, self.dose))
+
+    @property
+    def n_views(self) -> int:
+        return self.DEFAULT_VIEWS if self.views is None else self.views
+
+
+@dataclass(frozen=True)
+class ReconRequest:
+    """One ``mediff reconstruct`` job. ``model``: a built-in prior name or a checkpoint path (unused by
+    baselines); ``samples``: posterior samples (> 1 adds a std map and coverage); ``compare``:
+    baselines beside the solver (those of the other modality are skipped); ``lam``: baseline weight
+    (None: ``policy.BASELINE_LAMBDA``); ``cg_iters``: CG steps per data-consistency update (None:
+    ``policy.cg_iters``); ``dicom``: also write recon_dicom/; ``command``: recorded in metrics.json."""
+
+    input: Path
+    model: str | None = "brain-t1"
+    solver: str = "dds"
+    steps: int = 50
+    seed: int = 0
+    samples: int = 1
+    slice_index: int | None = None
+    compare: tuple[str, ...] = ("zero-filled",)
+    lam: float | None = None
+    cg_iters: int | None = None
+    dicom: bool = False
+    command: str = ""
+    mri: MRIOptions = field(default_factory=MRIOptions)
+    ct: CTOptions = field(default_factory=CTOptions)

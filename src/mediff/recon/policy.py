@@ -1,0 +1,31 @@
+"""The reconstruction pipeline's tuned settings, in one table: CG steps per data-consistency update,
+and the classical baselines' weights and iterations.
+
+Each value was chosen on tuning subjects / patients (never evaluation ones) by the benchmark named
+beside it; the measurements are in ``benchmarks/results``. Settings are keyed by operator family
+(``Task.family``): how many CG steps an update needs depends on the conditioning of A^H A.
+"""
+
+from __future__ import annotations
+
+from mediff.solvers import SOLVERS
+
+# CG steps per DDS update (benchmarks/dds_sweep.py --tuning). Single-coil MRI: A^H A = F^H M F is a
+# projection, so CG converges in a few steps. Multi-coil SENSE: its spectrum is spread, more steps
+# help until the maps' error dominates. CT: ill-conditioned, gains continue well past 20 steps.
+DDS_CG_ITERS = {"mri-single": 5, "mri-multi": 20, "ct": 40}
+
+# Baseline weights in the prior's normalised units. MRI: benchmarks/mri.py --tune (x4, single coil).
+# CT: relative to ||A||^2 (the weight passed to tv_reconstruct is lam * ||A||^2), so it does not
+# depend on the number of views or the pixel size; benchmarks/ct.py (60 views, training patients).
+BASELINE_LAMBDA = {"mri": {"tv": 1.6e-2, "l1wavelet": 1e-3}, "ct": {"tv": 1e-4}}
+
+# Iterations of the iterative baselines. CT's PDHG converges slowly on the ill-conditioned projector:
+# more iterations, started at FBP.
+BASELINE_ITERS = {"mri": 200, "ct": 500}
+
+
+def cg_iters(family: str, method: str) -> int:
+    """CG steps per update of diffusion solver ``method`` on an operator of ``family``: DDS's follow the
+    operator (``DDS_CG_ITERS``), the other solvers run their ``SolverSpec.cg_iters`` (0: no prox)."""
+    return DDS_CG_ITERS[family] if method == "dds" else SOLVERS[method].cg_iters

@@ -1,0 +1,132 @@
+"""The inverse problem every solver and baseline works on, one class per modality.
+
+A ``Task`` lives on the working grid in the prior's normalised units: input units (MR: the file's
+intensities; CT: HU) are ``x * scale + offset``. The modality subclasses (``recon.mri.MRITask``,
+``recon.ct.CTTask``) say what the solvers see (``solver_operator``), which image is scored and
+written (``image``), their classical baselines, how they are scored and how the report shows them;
+the pipeline (``recon.run``, ``recon.job``, ``recon.outputs``) never branches on the modality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+from torch import Tensor
+
+from mediff import metrics
+from mediff.errors import MediffError
+from mediff.physics.operators import LinearOperator
+from mediff.recon.grid import GridMap
+from mediff.report import Panel
+
+
+def _same_grid(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+@dataclass(kw_only=True)
+class Task:
+    """op: image (1, 1, H, W) -> data y; y: data in normalised units; noise_sigma: std per entry of y
+    (normalised); scale: input units per normalised unit; reference: (1, 1, H, W) real, normalised, or
+    None; to_input: working-grid image -> the input's grid; affine: the input slice's 4x4 affine."""
+
+    op: LinearOperator
+    y: Tensor
+    noise_sigma: float
+    scale: float
+    reference: Tensor | None = None
+    to_input: GridMap = _same_grid
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    notes: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    offset: float = 0.0  # input units at normalised 0
+
+    kind: ClassVar[str]  # "mri" | "ct": the key of policy.BASELINE_LAMBDA / BASELINE_ITERS
+    baselines: ClassVar[tuple[str, ...]]
+    companion: ClassVar[str]  # the classical reconstruction written next to every result
+    title: ClassVar[str]
+    dicom_modality: ClassVar[str]
+
+    # ---- what the solvers see
+    def data(self) -> tuple[LinearOperator, Tensor]:
+        """(op, y) of the likelihood, whose noise std is ``noise_sigma`` on every entry."""
+        return self.op, self.y
+
+    def solver_operator(self) -> LinearOperator:
+        """The operator the diffusion solvers invert: from a real image (B, 1, H, W) to ``data()[1]``."""
+        return self.data()[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Working-grid image shape (H, W)."""
+        raise NotImplementedError
+
+    @property
+    def summary(self) -> str:
+        """The problem in a few words, for progress bars (e.g. "x4.0", "60 views")."""
+        raise NotImplementedError
+
+    @property
+    def family(self) -> str:
+        """Operator family, the key of ``policy.DDS_CG_ITERS``."""
+        raise NotImplementedError
+
+    def image(self, x: Tensor) -> Tensor:
+        """Solver output (K, 1, H, W) -> the real image that is scored and written."""
+        raise NotImplementedError
+
+    def baseline(self, method: str, lam: float | None) -> Tensor:
+        """Classical reconstruction ``method`` (one of ``baselines``), (1, 1, H, W) normalised."""
+        raise NotImplementedError
+
+    def check_baseline(self, method: str) -> None:
+        """Raise MediffError unless ``method`` is one of this modality's baselines."""
+        if method not in self.baselines:
+            other = "MRI" if self.kind == "ct" else "CT"
+            raise MediffError(f"{method} is a{'n' if other == 'MRI' else ''} {other}-only baseline; for "
+                              f"{self.kind.upper()} use {', '.join(self.baselines)} or a diffusion solver")
+
+    # ---- scoring
+    def score(self, image: Tensor) -> dict[str, float]:
+        """PSNR / SSIM / NMSE of an image (1, 1, H, W) vs the reference ({} without one)."""
+        if self.reference is None:
+            return {}
+        img, ref, data_range = self.scored(image.float(), self.reference.float())
+        return {"PSNR": float(metrics.psnr(img, ref, data_range)[0]),
+                "SSIM": float(metrics.ssim(img, ref, data_range)[0]), "NMSE": float(metrics.nmse(img, ref)[0])}
+
+    def scored(self, image: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, float]:
+        """(image, reference, data_range) as the metrics see them."""
+        raise NotImplementedError
+
+    @property
+    def units(self) -> str:
+        """How the figures of ``score`` are computed, for metrics.json."""
+        raise NotImplementedError
+
+    # ---- output
+    def input_units(self, x: Tensor, shift: bool = True) -> np.ndarray:
+        """A working-grid image (1, 1, H, W) in normalised units -> input units on the input grid;
+        ``shift=False`` for differences such as a posterior std (scaled, no offset)."""
+        a = x[0, 0].detach().float().cpu().numpy() * self.scale + (self.offset if shift else 0.0)
+        return self.to_input(a)
+
+    def shown(self, x: Tensor) -> np.ndarray:
+        """A working-grid image (1, 1, H, W) in the report's display units (H, W)."""
+        return x[0, 0].detach().float().cpu().numpy()
+
+    def display_range(self, fallback: Tensor) -> tuple[float, float]:
+        """(vmin, vmax) of the report's image panels; ``fallback`` stands in for a missing reference."""
+        raise NotImplementedError
+
+    error_fraction: ClassVar[float]  # |error| panels saturate at this fraction of the display range
+
+    def data_panels(self) -> list[Panel]:
+        """Report panels of the measurement (MRI: the mask; CT: the sinogram)."""
+        return []
+
+    def shown_std(self, std: Tensor) -> np.ndarray:
+        """A posterior std (1, 1, H, W) in the report's display units."""
+        return self.shown(std)
