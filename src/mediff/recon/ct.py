@@ -346,9 +346,9 @@ def _rebin(sino: np.ndarray, spacing: float, n_new: int, new_spacing: float, shi
     return out
 
 
-def _prepare_sinogram(path: Path, size: int | None, options: CTOptions, hu_range: tuple[float, float]) -> CTTask:
-    """A measured parallel-beam sinogram (module docstring) as a CTTask on the working grid."""
-    views, limited_angle, dose = options.views, options.limited_angle, options.dose
+def _read_sinogram(path: Path) -> tuple[np.ndarray, np.ndarray, int, float, dict]:
+    """A sinogram NPZ's (sinogram (V, D), angles_deg (V,), image size N, pixel size mm, all arrays),
+    validated against the geometry it declares."""
     with np.load(path, allow_pickle=False) as z:
         missing = [k for k in ("angles_deg", "image_size") if k not in z.files]
         if missing:
@@ -369,7 +369,14 @@ def _prepare_sinogram(path: Path, size: int | None, options: CTOptions, hu_range
     n_det = ParallelBeamCT(n, angles[:1], pixel_size_mm=px).n_detectors  # one view: cheap at any size
     check_sinogram(torch.from_numpy(sino)[None, None] if sino.ndim == 2 else torch.from_numpy(sino),
                    SimpleNamespace(n_views=angles.size, n_detectors=n_det))
-    sino = sino.reshape(angles.size, n_det)
+    return sino.reshape(angles.size, n_det), angles, n, px, d
+
+
+def _prepare_sinogram(path: Path, size: int | None, options: CTOptions, hu_range: tuple[float, float]) -> CTTask:
+    """A measured parallel-beam sinogram (module docstring) as a CTTask on the working grid."""
+    views, limited_angle, dose = options.views, options.limited_angle, options.dose
+    sino, angles, n, px, d = _read_sinogram(path)
+    n_det = sino.shape[1]
     hu_min, hu_max = hu_range
     notes = [f"measured parallel-beam sinogram: {angles.size} views over {angles.min():.4g}-{angles.max():.4g} deg, "
              f"{n}x{n} image, pixel {px:.3g} mm"]
