@@ -232,6 +232,18 @@ def test_sample_refuses_to_overwrite(tiny_run: Path, tmp_path: Path) -> None:
         assert not np.array_equal(npz_images(out), d["images"]), "--overwrite must replace the samples"
 
 
+def test_sample_accepts_an_empty_output_folder(tiny_run: Path, tmp_path: Path) -> None:
+    """An empty folder (``mktemp -d``) holds nothing to lose: no --overwrite needed; a non-empty one
+    still needs it."""
+    out = tmp_path / "made-by-mktemp"
+    out.mkdir()
+    assert sample(tiny_run / "checkpoint.safetensors", out)[0] == 0
+    assert {p.name for p in out.iterdir()} == set(OUTPUTS)
+    assert [p.name for p in tmp_path.iterdir()] == ["made-by-mktemp"]
+    code, _, err = sample(tiny_run / "checkpoint.safetensors", out)
+    assert_one_line_error(code, err, "--overwrite")
+
+
 @pytest.mark.parametrize("args, needle", [(("--sampler", "nope"), "unknown sampler"),
                                           (("--n", 0), "positive")])
 def test_sample_bad_options(tiny_run: Path, tmp_path: Path, args: tuple, needle: str) -> None:

@@ -1,5 +1,6 @@
 """Output folders of the CLI: built in a temporary sibling and renamed into place, so a failed
-command leaves nothing half-written; an existing output needs ``--overwrite``."""
+command leaves nothing half-written; an existing output needs ``--overwrite`` unless it is an empty
+folder."""
 
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ from typing import Iterator
 from mediff.errors import MediffError
 
 
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
+
+
 def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless --overwrite (checked before any work is done)."""
-    if Path(out).exists() and not overwrite:
+    """Refuse an existing output unless --overwrite (checked before any work is done). An empty folder
+    (e.g. made by ``mktemp -d``) holds nothing to lose and is accepted."""
+    out = Path(out)
+    if out.exists() and not overwrite and not _is_empty_dir(out):
         raise MediffError(f"{out} exists: pass --overwrite to replace it")
 
 
