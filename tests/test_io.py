@@ -14,6 +14,7 @@ from mediff.io import (
     MedicalImage,
     Normalization,
     describe,
+    dicom_modality,
     normalize,
     read_image,
     read_kspace_h5,
@@ -158,6 +159,16 @@ def test_dicom_ct_negative_hu_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(img.array, hu)
     raw = read_image(out, raw=True)
     np.testing.assert_array_equal(raw.array, hu.astype(np.int32) + 1024)
+
+
+def test_dicom_modality_from_headers_of_a_file_and_a_series(tmp_path: Path) -> None:
+    (ct,) = write_dicom(tmp_path / "ct.dcm", np.zeros((4, 4)), modality="CT")
+    write_dicom(tmp_path / "mr_series", np.zeros((4, 4, 3)), modality="MR")
+    assert dicom_modality(ct) == "CT"
+    assert dicom_modality(tmp_path / "mr_series") == "MR"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MediffError, match="no DICOM files"):
+        dicom_modality(tmp_path / "empty")
 
 
 def test_dicom_ct_out_of_range_refused(tmp_path: Path) -> None:

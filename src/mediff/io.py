@@ -63,6 +63,7 @@ __all__ = [
     "normalize",
     "describe",
     "detect_format",
+    "dicom_modality",
 ]
 
 # DICOM stores patient coordinates in LPS, nibabel/NIfTI in RAS: flipping x and y converts both ways.
@@ -502,7 +503,8 @@ def _read_dicom_file(p: Path, raw: bool) -> MedicalImage:
     return MedicalImage(arr, affine, spacing, modality, meta)
 
 
-def _read_dicom_series(folder: Path, raw: bool, series_uid: str | None) -> MedicalImage:
+def _series_files(folder: Path) -> list[Path]:
+    """The files of a series folder that look like DICOM (preamble or extension), sorted by name."""
     entries = sorted(e for e in folder.iterdir() if not e.name.startswith("."))
     files = [e for e in entries if e.is_file() and e.name.upper() != "DICOMDIR"]
     if not files:
@@ -511,7 +513,22 @@ def _read_dicom_series(folder: Path, raw: bool, series_uid: str | None) -> Medic
     candidates = [f for f in files if _has_dicm_preamble(f) or f.suffix.lower() in (".dcm", ".dicom", ".ima")]
     if not candidates:
         raise MediffError(f"no DICOM files (no 'DICM' preamble or .dcm extension) in {folder}")
+    return candidates
 
+
+def dicom_modality(path: PathLike) -> str:
+    """The Modality tag ("CT", "MR", ...) of a DICOM file, or of the first file of a series folder.
+
+    Reads headers only, so deciding how to treat an input costs no pixel decoding. Returns "" when
+    the tag is absent; raises ``MediffError`` when the file or folder holds no readable DICOM.
+    """
+    p = _as_path(path)
+    first = _series_files(p)[0] if p.is_dir() else p
+    return str(_dcmread(first, stop_before_pixels=True).get("Modality", "") or "").strip().upper()
+
+
+def _read_dicom_series(folder: Path, raw: bool, series_uid: str | None) -> MedicalImage:
+    candidates = _series_files(folder)
     # Read headers first: choosing the series needs no pixel data, and skipping pixels is much faster.
     by_series: dict[str, list[tuple[Path, Any]]] = {}
     for f in candidates:
