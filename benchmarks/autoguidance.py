@@ -68,7 +68,7 @@ def main() -> None:
     prior = load_prior(args.model)
     d = np.load(args.data / "ixi_t1" / "ixi_t1_axial_128.npz")
     ids = d["subject_ids"][d["subject_index"]].astype(str)
-    held = np.flatnonzero(np.isin(ids, prior.meta["data"]["val_subjects"]))
+    held = np.flatnonzero(np.isin(ids, prior.meta.data.val_subjects))
     picks = np.random.default_rng(args.seed).permutation(held)[: 2 * args.n]
     real = d["images"][np.sort(picks)].astype(np.float32)
     real /= percentile_scale(real)[:, None, None]
@@ -85,13 +85,13 @@ def main() -> None:
             x = torch.randn((args.n, 1, prior.image_size, prior.image_size), generator=gen) * sigmas[0]
             out = torch.cat([SAMPLERS[args.sampler](den, xb, sigmas, generator=gen) for xb in x.split(16)])
         secs = (time.perf_counter() - t) / args.n
-        step = model.meta["step"]
+        step = model.meta.step
         rows.append({"row": f"{label} (step {step})", "weight": w,
                      "nfe_per_image": nfe(args.sampler, args.steps) * (1 if w == 1 else 2),
                      **stats(out.clamp_min(0)[:, 0].numpy(), ref), "s_per_image": secs})
         print(rows[-1], flush=True)
-    write_table(args.name, rows, {**machine(), "model": args.model, "step": prior.meta["step"],
-                                  "guide_step": prior.guide.meta["step"] if prior.guide is not None else None,
+    write_table(args.name, rows, {**machine(), "model": args.model, "step": prior.meta.step,
+                                  "guide_step": prior.guide.meta.step if prior.guide is not None else None,
                                   "n": args.n, "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
                                   "subjects": sorted(set(ids[picks]))})
 

@@ -106,11 +106,11 @@ def main() -> None:
         from mediff.prior import load_prior
 
         prior = load_prior(args.model)
-        hu_range = hu_window(prior.meta.get("normalization"), prior.name)
+        hu_range = hu_window(prior.meta.normalization, prior.name)
         if args.size != prior.image_size:
             print(f"--size {args.size} replaced by the prior's {prior.image_size}")
             args.size = prior.image_size
-        eval_ids = sorted(set(prior.meta["data"]["val_subjects"]) & set(all_ids))
+        eval_ids = sorted(set(prior.meta.data.val_subjects) & set(all_ids))
         if not eval_ids:
             raise SystemExit(f"none of the prior's validation subjects is a patient of {args.data}")
     else:
@@ -153,7 +153,7 @@ def main() -> None:
             "metric": "PSNR/SSIM on HU clipped to [-1000, 1000], data_range 2000, working grid",
             "geometry": "parallel beam, simulated from the HU slices; limited angle = views over [0, 120) deg; "
                         "low dose = Poisson counts at I0 photons/bin",
-            "prior_step": None if prior is None else prior.meta.get("step")}
+            "prior_step": None if prior is None else prior.meta.step}
     write_table(args.name, rows, meta)
 
 

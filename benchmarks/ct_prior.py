@@ -39,18 +39,18 @@ def main() -> None:
     args = ap.parse_args()
     cands = dict(c.split("=", 1) for c in args.candidates.split(","))
     priors = {k: load_prior(v) for k, v in cands.items()}
-    splits = {tuple(sorted(p.meta["data"]["val_subjects"])) for p in priors.values()}
+    splits = {tuple(sorted(p.meta.data.val_subjects)) for p in priors.values()}
     if len(splits) != 1:
         raise SystemExit("the candidates hold out different patients: train them with the same seed and data")
     patients = list(splits.pop())
     slices = load_slices(args.data, patients, None)
     rows = []
     for name, prior in priors.items():
-        hu_range = hu_window(prior.meta["normalization"], prior.name)
+        hu_range = hu_window(prior.meta.normalization, prior.name)
         size = prior.image_size
         clean = torch.stack([prior.normalize(fit_hu(hu, size, px)[0])[0] for _, hu, px in slices]).clamp_min(0)[:, None]
         gen = torch.Generator().manual_seed(0)
-        row: dict = {"candidate": name, "step": prior.meta["step"], "images_seen": prior.meta["images_seen"]}
+        row: dict = {"candidate": name, "step": prior.meta.step, "images_seen": prior.meta.images_seen}
         for s in SIGMAS:
             noisy = clean + s * torch.randn(clean.shape, generator=gen)
             with torch.no_grad():

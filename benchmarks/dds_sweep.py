@@ -59,10 +59,10 @@ def main() -> None:
 
     if args.ct_slices:
         ct = load_prior(args.ct_model)
-        hu_range = hu_window(ct.meta.get("normalization"), ct.name)
+        hu_range = hu_window(ct.meta.normalization, ct.name)
         lam_file = RESULTS / "ct_lambda.json"
         ct_lams = json.loads(lam_file.read_text())["lambda"] if lam_file.exists() else {}
-        patients = sorted(ct.meta["data"]["val_subjects"])
+        patients = sorted(ct.meta.data.val_subjects)
         if args.tuning:
             all_ids = np.load(args.data / "ct_tcga" / "ct_hu_512.npz")["patient_id"].astype(str).tolist()
             patients = tuning_patients(all_ids, patients, args.ct_slices)

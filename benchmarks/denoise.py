@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64, help="held-out slices")
     args = ap.parse_args()
     prior = load_prior(args.model)
-    subjects = prior.meta["data"]["val_subjects"]
+    subjects = prior.meta.data.val_subjects
     imgs, _ = heldout_slices(args.data / "ixi_t1" / "ixi_t1_axial_128.npz", subjects, args.n)
     clean = torch.from_numpy(imgs / percentile_scale(imgs)[:, None, None])[:, None]
     gen = torch.Generator().manual_seed(0)
@@ -52,8 +52,8 @@ def main() -> None:
                      "gaussian_oracle_PSNR": g_psnr, "gaussian_sigma_px": g_p,
                      "tv_oracle_PSNR": t_psnr, "tv_lambda": t_p,
                      "prior_minus_best_classical_dB": float(metrics.psnr(den, clean, 1.0).mean()) - max(g_psnr, t_psnr)})
-    write_table("denoise", rows, {**machine(), "model": args.model, "step": prior.meta["step"],
-                                  "images_seen": prior.meta["images_seen"], "n_slices": len(clean),
+    write_table("denoise", rows, {**machine(), "model": args.model, "step": prior.meta.step,
+                                  "images_seen": prior.meta.images_seen, "n_slices": len(clean),
                                   "subjects": sorted(set(subjects))})
 
 

@@ -44,7 +44,7 @@ TUNE_SEED = 1  # ``heldout_slices`` seed of the tuning slices (evaluation slices
 def split_subjects(prior, n_tune: int = TUNE_SUBJECTS) -> tuple[list[str], list[str]]:
     """(tuning, evaluation) subjects: the prior's validation subjects (sorted), the first ``n_tune``
     for tuning weights and settings, the rest for evaluation."""
-    val = sorted(prior.meta["data"]["val_subjects"])
+    val = sorted(prior.meta.data.val_subjects)
     return val[:n_tune], val[n_tune:]
 
 
@@ -175,8 +175,8 @@ def main() -> None:
                     row["time_over_NFE_x_forward"] = float(np.mean([r["seconds"] / (r["NFE"] * r["forward_s"])
                                                                      for r in a]))
                 rows.append(row)
-    write_table(args.name, rows, {**machine(), "model": args.model, "prior_step": prior.meta["step"],
-                                  "images_seen": prior.meta["images_seen"], "n_slices": len(imgs),
+    write_table(args.name, rows, {**machine(), "model": args.model, "prior_step": prior.meta.step,
+                                  "images_seen": prior.meta.images_seen, "n_slices": len(imgs),
                                   "eval_subjects": sorted(set(ids.tolist())), "steps": args.steps,
                                   "lambda": lams, "forward_s_batch1_median": float(np.median(fwds)),
                                   "mask": "random1d, 8% centre", "cg_iters": args.cg_iters or "default",

@@ -169,7 +169,7 @@ def main() -> None:
     name = args.name + ("_smoke" if args.smoke else "")
 
     prior = load_prior(args.model)
-    val = sorted(prior.meta["data"]["val_subjects"])
+    val = sorted(prior.meta.data.val_subjects)
     subject = args.subject or val[0]
     if subject not in val:
         raise SystemExit(f"{subject} is not a validation subject of {args.model}: its slices were trained on")
@@ -211,7 +211,7 @@ def main() -> None:
                      "wall_s_per_run": mean("wall_s")})
     est = {k: p.get("noise_sigma_kspace_units") for k, p in problems.items()}
     write_table(name, rows, {
-        **machine(), "model": args.model, "prior_step": prior.meta["step"], "images_seen": prior.meta["images_seen"],
+        **machine(), "model": args.model, "prior_step": prior.meta.step, "images_seen": prior.meta.images_seen,
         "subject": subject, "case": str(case), "file_volume_slices": sim["volume_slices"], "slices": slices,
         "coils": args.coils, "noise": args.noise, "sigma": sim["sigma"], "accel": args.accel, "steps": steps,
         "mask": "random1d, 8% centre (CLI default), seed = slice position", "sigma_est": est,

@@ -79,7 +79,7 @@ def main() -> None:
 
                 t0 = time.perf_counter()
                 x, nfe = solve(timed, problem, (1, 1, *task.shape), "dds", steps=args.steps,
-                               sigma_data=prior.meta["sigma_data"], sigma_min=prior.sigma_min,
+                               sigma_data=prior.meta.sigma_data, sigma_min=prior.sigma_min,
                                sigma_max=prior.sigma_max, generator=torch.Generator().manual_seed(i), cg_iters=k)
                 sec = time.perf_counter() - t0
                 key = f"dds cg={k}" + (" (shipped)" if k == default_cg_iters(task, "dds") else "")

@@ -21,15 +21,15 @@ def test_brain_t1_ships_with_its_model_card() -> None:
         assert needle in card, needle
     prior = mediff.load_prior("brain-t1")
     assert prior.name == "brain-t1" and prior.image_size == 128
-    assert prior.meta["normalization"] == {"kind": "percentile", "percentile": 99.5}
-    assert set(prior.meta["covariates"]["columns"]) == {"Age", "Sex"}
-    assert prior.covariates(2, Age=60, Sex="F").shape == (2, prior.meta["covariates"]["dim"])
+    assert prior.meta.normalization == {"kind": "percentile", "percentile": 99.5} and not prior.meta.is_hu
+    assert set(prior.meta.covariates["columns"]) == {"Age", "Sex"}
+    assert prior.covariates(2, Age=60, Sex="F").shape == (2, prior.meta.covariates["dim"])
     # It ships a weaker, earlier state of its own run for autoguidance, used by default when sampling.
-    assert prior.guide is not None and prior.guide.meta["step"] < prior.meta["step"]
+    assert prior.guide is not None and prior.guide.meta.step < prior.meta.step
     assert "## Autoguidance" in card and "arXiv 2406.02507" in card
     x, sigma = torch.rand(1, 1, 128, 128), torch.tensor([0.5])
     den, w = prior.autoguided()
-    assert w == prior.meta["guide"]["weight"] > 1
+    assert w == prior.meta.guide.weight > 1
     with torch.no_grad():
         want = prior.guide(x, sigma) + w * (prior(x, sigma) - prior.guide(x, sigma))
         assert torch.allclose(den(x, sigma), want, atol=1e-5)
@@ -41,7 +41,7 @@ def test_brain_t1_denoises_held_out_subjects(ixi_dir: Path) -> None:
     prior = mediff.load_prior("brain-t1")
     d = np.load(ixi_dir / "ixi_t1_axial_128.npz")
     ids = d["subject_ids"][d["subject_index"]].astype(str)
-    idx = np.flatnonzero(np.isin(ids, prior.meta["data"]["val_subjects"]))
+    idx = np.flatnonzero(np.isin(ids, prior.meta.data.val_subjects))
     idx = idx[np.linspace(len(idx) * 0.3, len(idx) * 0.7, 8).astype(int)]
     imgs = d["images"][idx].astype(np.float32)
     x0 = torch.from_numpy(imgs / percentile_scale(imgs)[:, None, None])[:, None]
@@ -73,7 +73,7 @@ def test_ct_ships_with_its_model_card_and_hu_mapping() -> None:
                    "held-out patients"):
         assert needle in card, needle
     prior = mediff.load_prior("ct")
-    assert prior.image_size == 128 and prior.meta["net"]["pos_channels"] == 2
+    assert prior.image_size == 128 and prior.meta.net["pos_channels"] == 2 and prior.meta.is_hu
     x, norm = prior.normalize(np.array([-1000.0, 0.0, 1000.0]))
     assert torch.allclose(x, torch.tensor([0.0, 0.5, 1.0]))
     assert np.allclose(prior.denormalize(x, norm), [-1000.0, 0.0, 1000.0])
@@ -85,7 +85,7 @@ def test_ct_denoises_held_out_patients(ct_dir: Path) -> None:
 
     prior = mediff.load_prior("ct")
     d = np.load(ct_dir / "ct_hu_512.npz")
-    idx = np.flatnonzero(np.isin(d["patient_id"].astype(str), prior.meta["data"]["val_subjects"]))
+    idx = np.flatnonzero(np.isin(d["patient_id"].astype(str), prior.meta.data.val_subjects))
     assert len(idx) >= 8
     u = np.stack([(fit_hu(d["hu"][i].astype(np.float32), 128, 1.0)[0] + 1000) / 2000 for i in idx])
     x0 = torch.from_numpy(u.astype(np.float32)).clamp_min(0)[:, None]

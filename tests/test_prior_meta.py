@@ -13,9 +13,9 @@ import pytest
 from cli_helpers import blob_slices, run_cli
 from safetensors import safe_open
 
-from mediff.checkpoint import load_checkpoint
+from mediff.checkpoint import load_checkpoint, save_checkpoint
 from mediff.errors import MediffError
-from mediff.prior import attach_guide, builtin_priors
+from mediff.prior import attach_guide, builtin_priors, load_prior
 from mediff.prior_meta import DataMeta, GuideMeta, PriorMeta
 from mediff.train import compact_checkpoint
 
@@ -60,6 +60,8 @@ def test_shipped_priors_typed() -> None:
     assert (g.image_size, g.normalization, g.sigma_min, g.data) == (brain.image_size, brain.normalization,
                                                                      brain.sigma_min, brain.data)
     assert brain.data_mismatch(g) is None and brain.data_mismatch(ct) == "normalization"
+    prior = load_prior("brain-t1")
+    assert prior.meta == brain and prior.guide.meta == g
     with pytest.raises(dataclasses.FrozenInstanceError):
         brain.step = 0
 
@@ -156,3 +158,11 @@ def test_unknown_keys_survive_in_extra(brain: dict) -> None:
     meta.to_dict()["net"]["channels"].append(1)
     assert meta.extra["notes"]["n"] == [1, 2] and meta.net == brain["net"]
 
+
+def test_load_prior_names_the_file_and_the_key(tmp_path: Path) -> None:
+    tensors, meta = load_checkpoint(builtin_priors()["ct"])
+    path = tmp_path / "broken.safetensors"
+    save_checkpoint(path, tensors, without(meta, "sigma_max"))
+    with pytest.raises(MediffError, match="sigma_max") as err:
+        load_prior(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

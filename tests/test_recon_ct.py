@@ -312,7 +312,7 @@ def test_shipped_ct_prior_on_a_held_out_patient_dicom(ct_dir: Path, tmp_path: Pa
     prior = mediff.load_prior("ct")
     d = np.load(ct_dir / "ct_hu_512.npz")
     ids = d["patient_id"].astype(str)
-    i = int(np.flatnonzero(np.isin(ids, prior.meta["data"]["val_subjects"]))[0])
+    i = int(np.flatnonzero(np.isin(ids, prior.meta.data.val_subjects))[0])
     px = float(d["pixel_spacing_mm"][i])
     dcm = tmp_path / "slice.dcm"
     io.write_dicom(dcm, d["hu"][i].astype(np.float32), modality="CT", spacing=(px, px))

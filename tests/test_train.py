@@ -413,7 +413,7 @@ def test_patch_training_and_its_errors(tmp_path: Path) -> None:
     assert run_cli("train", "--out", b, "--steps", 2, *patch, *common)[0] == 0
     assert run_cli("train", "--out", b, "--steps", 4, "--resume", *patch, *common)[0] == 0
     assert_tensors_equal(model_state(a), model_state(b))
-    assert load_prior(b / "prior.safetensors").meta["net"]["pos_channels"] == 2
+    assert load_prior(b / "prior.safetensors").meta.net["pos_channels"] == 2
     code, _, err = run_cli("train", "--out", tmp_path / "c", "--steps", 1, "--patch-sizes", "16", *common)
     assert_one_line_error(code, err, "--position")
     code, _, err = run_cli("train", "--out", tmp_path / "d", "--steps", 1, "--position", "--patch-sizes", "10",
@@ -515,7 +515,7 @@ def test_sigkill_then_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert all(torch.isfinite(v).all() for v in tensors.values())
     # The sidecar and the prior are written after the checkpoint: at most one checkpoint behind.
     assert json.loads((run / "checkpoint.json").read_text())["step"] in (meta["step"], meta["step"] - every), ctx
-    assert load_prior(run / "prior.safetensors").meta["step"] in (meta["step"], meta["step"] - every), ctx
+    assert load_prior(run / "prior.safetensors").meta.step in (meta["step"], meta["step"] - every), ctx
     leftovers = sorted(p.name for p in run.iterdir() if p.name.startswith("."))
     assert all(p.startswith(".mediff-tmp-") for p in leftovers), leftovers  # only the atomic writer's temps
 
@@ -541,7 +541,7 @@ def test_sigkill_then_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert meta2["step"] == target and meta2["images_seen"] == target * 4
     assert meta2["wall_seconds"] >= meta["wall_seconds"]
     assert json.loads((run / "checkpoint.json").read_text())["step"] == target
-    assert load_prior(run / "prior.safetensors").meta["step"] == target
+    assert load_prior(run / "prior.safetensors").meta.step == target
     assert models_differ(tensors, tensors2)  # the resumed steps really trained
     assert not list(run.glob(".mediff-tmp-*")), "resume removes the temp files a kill left behind"
 

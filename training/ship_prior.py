@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from mediff.checkpoint import load_checkpoint  # noqa: E402
 from mediff.prior import attach_guide  # noqa: E402
+from mediff.prior_meta import PriorMeta, read_prior_file  # noqa: E402
 from mediff.train import compact_checkpoint  # noqa: E402
 
 CARDS = {
@@ -68,22 +68,21 @@ CARDS = {
 }
 
 
-def units(meta: dict) -> str:
-    norm = meta["normalization"]
-    if norm["kind"] == "hu_window":
-        lo, hi = norm["params"]["hu_min"], norm["params"]["hu_max"]
+def units(meta: PriorMeta) -> str:
+    if meta.is_hu:
+        lo, hi = meta.normalization["params"]["hu_min"], meta.normalization["params"]["hu_max"]
         return (f"in u = (HU - ({lo:g})) / {hi - lo:g} (u = 0 at {lo:g} HU, 1 at {hi:g} HU; stored in the metadata "
                 "`normalization`, so `Prior.normalize` / `denormalize` map HU <-> u exactly)")
     return "with intensities normalised per slice (0 -> 0, 99.5th percentile -> 1)"
 
 
-def benchmark_lines(name: str, run: Path, meta: dict) -> list[str]:
+def benchmark_lines(name: str, run: Path, meta: PriorMeta) -> list[str]:
     """The card's measured comparison with classical methods, if the benchmark ran on this step."""
     res = ROOT / "benchmarks" / "results"
     if name == "ct" and (res / "ct_prior.json").exists():
         d = json.loads((res / "ct_prior.json").read_text())
         rows = d["rows"]
-        if not any(r["step"] == meta["step"] and d["meta"]["candidates"].get(r["candidate"], "").startswith(
+        if not any(r["step"] == meta.step and d["meta"]["candidates"].get(r["candidate"], "").startswith(
                 f"training/{run.name}/") for r in rows):
             return []
         keys = [k for k in rows[0] if k not in ("candidate",)]
@@ -101,7 +100,7 @@ def benchmark_lines(name: str, run: Path, meta: dict) -> list[str]:
     den = res / "denoise.json"
     if name != "ct" and den.exists():
         d = json.loads(den.read_text())
-        if d["meta"].get("step") == meta["step"]:
+        if d["meta"].get("step") == meta.step:
             lines = ["## Denoising vs classical denoisers (oracle-tuned), held-out subjects", "",
                      "| sigma | noisy | prior | Gaussian (oracle) | TV (oracle) |", "|---|---|---|---|---|"]
             lines += [f"| {r['sigma']} | {r['noisy_PSNR']:.2f} | {r['prior_PSNR']:.2f} | "
@@ -111,20 +110,20 @@ def benchmark_lines(name: str, run: Path, meta: dict) -> list[str]:
     return []
 
 
-def guide_lines(meta: dict) -> list[str]:
+def guide_lines(meta: PriorMeta) -> list[str]:
     """The card's autoguidance section: the guide model and, if run on these weights, the benchmark."""
-    g = meta["guide"]
+    g = meta.guide
     lines = ["## Autoguidance (sampling)", "",
-             f"The file also holds a guide model: this prior's own run at step {g['step']} ({g['images_seen']} "
-             f"images seen; LeanUNet {g['net']['channels']} channels). `mediff sample` draws from "
-             f"D_guide + w (D - D_guide) with w = {g['weight']:g} by default (autoguidance, Karras et al. 2024, "
+             f"The file also holds a guide model: this prior's own run at step {g.step} ({g.images_seen} "
+             f"images seen; LeanUNet {g.net['channels']} channels). `mediff sample` draws from "
+             f"D_guide + w (D - D_guide) with w = {g.weight:g} by default (autoguidance, Karras et al. 2024, "
              "arXiv 2406.02507): the better-trained model's improvements over the weaker one are amplified, which "
              "removes the speckle and blur the prior alone leaves in samples. `--autoguidance 1` samples the prior "
              "alone; reconstruction always uses the prior alone.", ""]
     res = ROOT / "benchmarks" / "results" / "autoguidance.json"
     if res.exists():
         d = json.loads(res.read_text())
-        if d["meta"]["step"] == meta["step"] and d["meta"]["guide_step"] == g["step"]:
+        if d["meta"]["step"] == meta.step and d["meta"]["guide_step"] == g.step:
             keys = [k for k in d["rows"][0] if k not in ("s_per_image",)]
             lines += ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
             lines += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
@@ -147,15 +146,15 @@ def main(run: Path, name: str, guide: str | None, guide_weight: float) -> None:
         attach_guide(run / "prior.safetensors", guide, guide_weight, weights / f"{name}.safetensors")
         (weights / f"{name}.json").unlink(missing_ok=True)  # the sidecar is for runs, not for the package
     compact = compact_checkpoint(run)
-    meta = load_checkpoint(weights / f"{name}.safetensors")[1]
+    meta = read_prior_file(weights / f"{name}.safetensors")[1]
     val = list(csv.DictReader(open(run / "val.csv"))) if (run / "val.csv").exists() else []
     last = [r for r in val if r["step"] == val[-1]["step"]] if val else []
     card = CARDS[name]
     kind = run.name.removeprefix("ct-")
-    patch = "" if not meta["train"].get("patch_sizes") else \
-        f" --patch-sizes {','.join(map(str, meta['train']['patch_sizes']))} --full-prob {meta['train']['full_prob']}"
+    patch = "" if not meta.train.get("patch_sizes") else \
+        f" --patch-sizes {','.join(map(str, meta.train['patch_sizes']))} --full-prob {meta.train['full_prob']}"
     size_mb = (weights / f"{name}.safetensors").stat().st_size / 1e6
-    steps, decay = meta["train"]["steps"], meta["train"].get("decay_steps", 0)
+    steps, decay = meta.train["steps"], meta.train.get("decay_steps", 0)
     env = f"STEPS={steps} DECAY={decay} " if decay and name == "brain-t1" else f"DECAY={decay} " if decay else ""
     command = card["command"].format(kind=kind, patch=patch, steps=steps, decay=decay, env=env, run=run.name)
     base = run.name.split("-decay")[0]
@@ -170,24 +169,24 @@ def main(run: Path, name: str, guide: str | None, guide_weight: float) -> None:
                  if decay else
                  f"- Resumable state: `training/{run.name}/{compact.name}` (compact: 16-bit weights and Adam second "
                  "moments); the script above continues from it.")
-    net = meta["net"]
+    net = meta.net
     lines = [f"# Model card: `{name}`", "",
              f"A 2D diffusion prior (EDM preconditioning, LeanUNet {net['channels']} channels"
              + (", pixel coordinates as 2 extra inputs" if net.get("pos_channels") else "")
-             + f", {size_mb:.1f} MB fp16 EMA weights" + (", guide model included" if "guide" in meta else "")
-             + f") of {meta['image_size']}-px {card['what']}, {units(meta)}.", "",
+             + f", {size_mb:.1f} MB fp16 EMA weights" + (", guide model included" if meta.guide is not None else "")
+             + f") of {meta.image_size}-px {card['what']}, {units(meta)}.", "",
              "## Data and license", f"- Data: {card['data']}.", f"- License: {card['license']}.",
-             f"- Training slices: {meta['data']['n_train_slices']}; validation slices: {meta['data']['n_val_slices']} "
-             f"from {len(meta['data']['val_subjects'])} held-out subjects (split by subject): "
-             f"{', '.join(meta['data']['val_subjects'])}.",
-             f"- Data fingerprint: `{meta['data']['fingerprint']}`.",
-             "- Covariates: " + (", ".join(meta["covariates"]["columns"]) + " (classifier-free guidance, 10 % dropout)"
-                                 if meta.get("covariates") else "none"), "",
+             f"- Training slices: {meta.data.n_train_slices}; validation slices: {meta.data.n_val_slices} "
+             f"from {len(meta.data.val_subjects)} held-out subjects (split by subject): "
+             f"{', '.join(meta.data.val_subjects)}.",
+             f"- Data fingerprint: `{meta.data.fingerprint}`.",
+             "- Covariates: " + (", ".join(meta.covariates["columns"]) + " (classifier-free guidance, 10 % dropout)"
+                                 if meta.covariates else "none"), "",
              "## Training", f"- Command: `{command}`", schedule,
-             f"- Steps: {meta['step']}; images seen: {meta['images_seen']}; wall time: {meta['wall_seconds'] / 3600:.2f} h "
-             f"(2-core CPU, torch {meta['torch']}).",
-             f"- sigma_data {meta['sigma_data']:.4f}, data mean {meta['data_mean']:.4f}, sigma range "
-             f"[{meta['sigma_min']:.4g}, {meta['sigma_max']:.4g}].",
+             f"- Steps: {meta.step}; images seen: {meta.images_seen}; wall time: {meta.wall_seconds / 3600:.2f} h "
+             f"(2-core CPU, torch {meta.torch_version}).",
+             f"- sigma_data {meta.sigma_data:.4f}, data mean {meta.data_mean:.4f}, sigma range "
+             f"[{meta.sigma_min:.4g}, {meta.sigma_max:.4g}].",
              resumable, ""]
     if last:
         lines += ["## Validation denoising (EMA, held-out subjects, normalised units)", "",
@@ -195,11 +194,11 @@ def main(run: Path, name: str, guide: str | None, guide_weight: float) -> None:
         lines += [f"| {r['sigma']} | {float(r['mse']):.5f} | {float(r['psnr']):.2f} |" for r in last]
         lines += ["", f"Logged at step {last[0]['step']} by the training loop (`{run.name}/val.csv`, plot `val.png`).", ""]
     lines += benchmark_lines(name, run, meta)
-    if "guide" in meta:
+    if meta.guide is not None:
         lines += guide_lines(meta)
     lines += ["## Intended use and limits", card["use"]]
     (weights / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print(f"shipped {name}: step {meta['step']}, {size_mb:.1f} MB; resumable state {compact} "
+    print(f"shipped {name}: step {meta.step}, {size_mb:.1f} MB; resumable state {compact} "
           f"({compact.stat().st_size / 1e6:.1f} MB)")
 
 

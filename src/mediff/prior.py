@@ -7,6 +7,7 @@ parameters it used so ``denormalize`` brings results back to the input's units.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -14,12 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mediff.checkpoint import load_checkpoint, prefixed, save_checkpoint, split_prefix
+from mediff.checkpoint import prefixed, save_checkpoint, split_prefix
 from mediff.data import encode_row
 from mediff.denoiser import AutoGuidedDenoiser, CFGDenoiser, Denoiser, EDMPrecond
 from mediff.errors import MediffError
 from mediff.io import Normalization, normalize
 from mediff.nets import LeanUNet, UNetConfig
+from mediff.prior_meta import GuideMeta, PriorMeta, read_prior_file
 
 
 def builtin_priors() -> dict[str, Path]:
@@ -30,35 +32,29 @@ def builtin_priors() -> dict[str, Path]:
     return {p.name[: -len(".safetensors")]: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".safetensors")}
 
 
-# What a guide model needs to be rebuilt (stored under the prior's "guide" key); the rest of its
-# metadata (the data it models) must equal the prior's and is checked when it is attached.
-_GUIDE_KEYS = ("net", "sigma_data", "data_mean", "step", "images_seen")
-_DATA_KEYS = ("image_size", "normalization", "covariates")
-
-
 class Prior:
     """A trained denoiser D(x, sigma[, cond]) with its metadata; callable as a ``Denoiser``.
 
     ``guide``, if the file ships one, is a weaker version of the same model for autoguidance
-    (:class:`mediff.denoiser.AutoGuidedDenoiser`); ``meta["guide"]["weight"]`` is its default weight.
+    (:class:`mediff.denoiser.AutoGuidedDenoiser`); ``meta.guide.weight`` is its default weight.
     Reconstruction uses the prior alone.
     """
 
-    def __init__(self, model: EDMPrecond, meta: dict, name: str, guide: "Prior | None" = None) -> None:
+    def __init__(self, model: EDMPrecond, meta: PriorMeta, name: str, guide: "Prior | None" = None) -> None:
         self.model, self.meta, self.name = model.eval().requires_grad_(False), meta, name
         self.guide = guide
 
     @property
     def sigma_min(self) -> float:
-        return float(self.meta["sigma_min"])
+        return float(self.meta.sigma_min)
 
     @property
     def sigma_max(self) -> float:
-        return float(self.meta["sigma_max"])
+        return float(self.meta.sigma_max)
 
     @property
     def image_size(self) -> int:
-        return int(self.meta["image_size"])
+        return self.meta.image_size
 
     @property
     def device(self) -> torch.device:
@@ -73,7 +69,7 @@ class Prior:
     def normalize(self, image: np.ndarray | Tensor) -> tuple[Tensor, Normalization]:
         """Image in input units -> (tensor in the prior's units, the Normalization used)."""
         arr = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
-        spec = self.meta["normalization"]
+        spec = self.meta.normalization
         if spec["kind"] == "percentile":
             x, norm = normalize(arr, "percentile", percentile=spec["percentile"])
         else:
@@ -89,7 +85,7 @@ class Prior:
     def covariates(self, n: int = 1, **values: object) -> Tensor | None:
         """Covariate vectors (n, K) for conditional sampling, e.g. ``covariates(4, Age=60, Sex="F")``;
         None for an unconditional prior. Unknown names raise MediffError."""
-        spec = self.meta.get("covariates")
+        spec = self.meta.covariates
         if spec is None:
             if values:
                 raise MediffError(f"prior {self.name} is unconditional: it takes no covariates")
@@ -118,7 +114,7 @@ class Prior:
         ``cond`` (n, K) with classifier-free guidance ``guidance``. Returns (denoiser, weight used)."""
         guide = guide or self.guide
         if weight is None:
-            weight = float(self.meta["guide"]["weight"]) if guide is not None and guide is self.guide else 1.0
+            weight = float(self.meta.guide.weight) if guide is not None and guide is self.guide else 1.0
         good = _conditioned(self, cond, guidance)
         if weight == 1.0:
             return good, 1.0
@@ -129,11 +125,10 @@ class Prior:
         return AutoGuidedDenoiser(good, _conditioned(guide, cond, guidance), weight), weight
 
 
-def _check_same_data(meta: dict, guide_meta: dict, name: str, guide_name: str) -> None:
-    for key in _DATA_KEYS:
-        if meta.get(key) != guide_meta.get(key):
-            raise MediffError(f"guide {guide_name} does not match prior {name}: different {key} "
-                              "(a guide is a weaker model of the same data)")
+def _check_same_data(meta: PriorMeta, guide_meta: PriorMeta, name: str, guide_name: str) -> None:
+    if key := meta.data_mismatch(guide_meta):
+        raise MediffError(f"guide {guide_name} does not match prior {name}: different {key} "
+                          "(a guide is a weaker model of the same data)")
 
 
 def _conditioned(prior: Prior, cond: Tensor | None, guidance: float) -> Denoiser:
@@ -145,8 +140,8 @@ def _weights(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return split_prefix(tensors, "ema") or {k: v for k, v in tensors.items() if not k.startswith("guide.")}
 
 
-def _build(state: dict[str, Tensor], meta: dict) -> EDMPrecond:
-    model = EDMPrecond(LeanUNet(UNetConfig.from_dict(meta["net"])), meta["sigma_data"], meta["data_mean"])
+def _build(state: dict[str, Tensor], meta: PriorMeta) -> EDMPrecond:
+    model = EDMPrecond(LeanUNet(UNetConfig.from_dict(meta.net)), meta.sigma_data, meta.data_mean)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model
 
@@ -160,13 +155,6 @@ def _resolve(name_or_path: str | Path) -> tuple[Path, dict[str, Path]]:
     return path, builtin
 
 
-def _read(path: Path) -> tuple[dict[str, Tensor], dict]:
-    tensors, meta = load_checkpoint(path)
-    if meta.get("format") != "mediff-prior-v1":
-        raise MediffError(f"{path} is not a mediff prior (format {meta.get('format')!r})")
-    return tensors, meta
-
-
 def load_prior(name_or_path: str | Path, device: torch.device | str = "cpu") -> Prior:
     """Load a built-in prior by name (``brain-t1``) or any mediff checkpoint path, with its guide
     model if the file ships one.
@@ -174,12 +162,12 @@ def load_prior(name_or_path: str | Path, device: torch.device | str = "cpu") -> 
     Training checkpoints (``checkpoint.safetensors``) load their EMA weights.
     """
     path, builtin = _resolve(name_or_path)
-    tensors, meta = _read(path)
+    tensors, meta = read_prior_file(path)
     name = str(name_or_path) if str(name_or_path) in builtin else path.stem
     guide = None
-    if "guide" in meta:
-        gmeta = {**{k: v for k, v in meta.items() if k != "guide"}, **meta["guide"]}
-        guide = Prior(_build(split_prefix(tensors, "guide"), gmeta), gmeta, f"{name}:guide@{gmeta['step']}")
+    if meta.guide is not None:
+        gmeta = meta.guide.as_prior(meta)
+        guide = Prior(_build(split_prefix(tensors, "guide"), gmeta), gmeta, f"{name}:guide@{gmeta.step}")
     return Prior(_build(_weights(tensors), meta), meta, name, guide).to(device)
 
 
@@ -188,8 +176,7 @@ def attach_guide(prior: str | Path, guide: str | Path, weight: float, out: Path)
     as the default guidance weight (both files are priors or training checkpoints of the same data;
     tensors keep their stored dtypes)."""
     (p_path, _), (g_path, _) = _resolve(prior), _resolve(guide)
-    (p_tensors, meta), (g_tensors, g_meta) = _read(p_path), _read(g_path)
+    (p_tensors, meta), (g_tensors, g_meta) = read_prior_file(p_path), read_prior_file(g_path)
     _check_same_data(meta, g_meta, p_path.stem, g_path.stem)
-    meta = {k: v for k, v in meta.items() if k != "guide"}
-    meta["guide"] = {**{k: g_meta[k] for k in _GUIDE_KEYS}, "weight": float(weight)}
-    save_checkpoint(out, {**_weights(p_tensors), **prefixed(_weights(g_tensors), "guide")}, meta)
+    meta = replace(meta, guide=GuideMeta.from_prior(g_meta, float(weight)))
+    save_checkpoint(out, {**_weights(p_tensors), **prefixed(_weights(g_tensors), "guide")}, meta.to_dict())

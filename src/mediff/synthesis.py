@@ -61,13 +61,12 @@ def sample_images(model: str | Path, n: int = 16, steps: int = 50, sampler: str 
             den, weight = prior.autoguided(autoguidance, bad, prior.covariates(b, **cov), guidance)
             x = torch.randn((b, 1, s, s), generator=gen) * sigmas[0]
             out.append(SAMPLERS[sampler](den, x, sigmas, generator=gen, callback=cb))
-    norm = prior.meta["normalization"]
-    units = "HU" if norm["kind"] == "hu_window" else "normalised (1 = 99.5th percentile)"
+    units = "HU" if prior.meta.is_hu else "normalised (1 = 99.5th percentile)"
     used = bad or prior.guide
-    auto = None if weight == 1.0 else {"weight": weight, "guide": used.name, "guide_step": used.meta["step"]}
-    meta = {"model": prior.name, "step": prior.meta["step"], "sampler": sampler, "steps": steps,
+    auto = None if weight == 1.0 else {"weight": weight, "guide": used.name, "guide_step": used.meta.step}
+    meta = {"model": prior.name, "step": prior.meta.step, "sampler": sampler, "steps": steps,
             "nfe_per_image": nfe(sampler, steps), "seed": seed, "covariates": cov, "guidance": guidance,
-            "autoguidance": auto, "units": units, "normalization": norm}
+            "autoguidance": auto, "units": units, "normalization": prior.meta.normalization}
     return torch.cat(out).clamp_min(0), meta
 
 

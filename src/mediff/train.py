@@ -20,19 +20,20 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mediff.checkpoint import load_checkpoint, prefixed, save_checkpoint, split_prefix, to_dtype
+from mediff.checkpoint import prefixed, save_checkpoint, split_prefix, to_dtype
 from mediff.data import SliceSet, load_slices, split_by_subject
 from mediff.denoiser import EDMPrecond, edm_sigma_range
 from mediff.errors import MediffError
 from mediff.io import atomic_write
 from mediff.nets import LeanUNet, UNetConfig, coordinate_grid
+from mediff.prior_meta import DataMeta, PriorMeta, read_prior_file
 
 VAL_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -170,33 +171,21 @@ class Trainer:
                     else self.model)
 
     # ---- checkpoint -------------------------------------------------------------------------------
-    def metadata(self) -> dict:
+    def metadata(self) -> PriorMeta:
         sig_min, sig_max = edm_sigma_range(self.sigma_data)
-        return {
-            "format": "mediff-prior-v1",
-            "kind": "edm",
-            "net": self.cfg.net,
-            "sigma_data": self.sigma_data,
-            "data_mean": self.data_mean,
-            "sigma_min": sig_min,
-            "sigma_max": sig_max,
-            "image_size": self.cfg.size,
-            "normalization": self.data.normalization,
-            "covariates": self.data.covariate_spec,
-            "data": {"source": self.data.source, "fingerprint": self.data.fingerprint,
-                     "n_train_slices": len(self.train.images), "n_val_slices": len(self.val.images),
-                     "val_subjects": sorted(set(self.val.subjects.tolist()))},
-            "train": asdict(self.cfg),
-            "step": self.step,
-            "images_seen": self.images_seen,
-            "wall_seconds": round(self.wall, 1),
-            "torch": torch.__version__,
-        }
+        data = DataMeta(source=self.data.source, fingerprint=self.data.fingerprint,
+                        n_train_slices=len(self.train.images), n_val_slices=len(self.val.images),
+                        val_subjects=tuple(sorted(set(self.val.subjects.tolist()))))
+        return PriorMeta(kind="edm", net=self.cfg.net, sigma_data=self.sigma_data, data_mean=self.data_mean,
+                         sigma_min=sig_min, sigma_max=sig_max, image_size=self.cfg.size,
+                         normalization=self.data.normalization, covariates=self.data.covariate_spec, data=data,
+                         train=asdict(self.cfg), step=self.step, images_seen=self.images_seen,
+                         wall_seconds=round(self.wall, 1), torch_version=torch.__version__)
 
     def save(self) -> None:
         if self.rank:
             return
-        meta = self.metadata()
+        meta = self.metadata().to_dict()
         opt = self.opt.state_dict()
         tensors = {**prefixed(self.model.state_dict(), "model"), **prefixed(self.ema.state_dict(), "ema")}
         for i, st in opt["state"].items():
@@ -206,10 +195,10 @@ class Trainer:
         save_checkpoint(self.out / "prior.safetensors", to_dtype(self.ema.state_dict(), torch.float16), meta)
 
     def _load(self, path: Path) -> None:
-        tensors, meta = load_checkpoint(path)
-        if meta["data"]["fingerprint"] != self.data.fingerprint:
+        tensors, meta = read_prior_file(path)
+        if meta.data.fingerprint != self.data.fingerprint:
             raise MediffError(f"{path} was trained on other data (fingerprint differs): refusing to resume")
-        same = {k: v for k, v in meta["train"].items()
+        same = {k: v for k, v in meta.train.items()
                 if k not in ("steps", "decay_steps", "checkpoint_every", "val_every")}
         if "net" in same:  # fields added to UNetConfig since the checkpoint was written take their defaults
             same["net"] = json.loads(json.dumps(UNetConfig.from_dict(same["net"]).to_dict()))
@@ -218,7 +207,7 @@ class Trainer:
         if same != mine:
             diff = sorted(k for k in same if same[k] != mine[k])
             raise MediffError(f"cannot resume {path}: settings differ ({', '.join(diff)})")
-        if meta.get("compact") and self.rank == 0:
+        if meta.compact and self.rank == 0:
             print(f"resuming from the compact checkpoint {path.name}: weights were rounded to 16 bits and "
                   "Adam's first moments restart at 0 (not bit-exact)")
         self.model.load_state_dict(to_dtype(split_prefix(tensors, "model"), torch.float32))
@@ -231,7 +220,7 @@ class Trainer:
                 sub.setdefault("exp_avg", torch.zeros_like(p))
                 state["state"][i] = sub
         self.opt.load_state_dict(state)
-        self.step, self.images_seen, self.wall = meta["step"], meta["images_seen"], meta["wall_seconds"]
+        self.step, self.images_seen, self.wall = meta.step, meta.images_seen, meta.wall_seconds
 
     # ---- one step ---------------------------------------------------------------------------------
     def train_step(self) -> float:
@@ -363,7 +352,7 @@ def compact_checkpoint(run: Path) -> Path:
     It is what a project keeps in version control to continue training in a later session; resuming
     from it is not bit-exact (``Trainer`` says so), resuming from checkpoint.safetensors is.
     """
-    tensors, meta = load_checkpoint(run / "checkpoint.safetensors")
+    tensors, meta = read_prior_file(run / "checkpoint.safetensors")
     out: dict[str, Tensor] = {}
     for k, v in tensors.items():
         if k.startswith("opt.") and k.endswith(".exp_avg"):
@@ -375,7 +364,7 @@ def compact_checkpoint(run: Path) -> Path:
         else:
             out[k] = v
     path = run / COMPACT_NAME
-    save_checkpoint(path, out, {**meta, "compact": True})
+    save_checkpoint(path, out, replace(meta, compact=True).to_dict())
     return path
 
 

@@ -54,13 +54,12 @@ def prepare(req: ReconRequest, prior=None) -> Task:
     given, the solver is fbp, or the input declares itself CT (``is_ct_input``); MRI otherwise. MRI
     options the user set are ignored with a note in CT mode."""
     path = Path(req.input)
-    normalization = None if prior is None else prior.meta.get("normalization")
-    ct = (normalization or {}).get("kind") == "hu_window" or req.ct.given or req.solver == "fbp" or is_ct_input(path)
+    ct = (prior is not None and prior.meta.is_hu) or req.ct.given or req.solver == "fbp" or is_ct_input(path)
     if not ct:
         size = prior.image_size if prior is not None else MRI_BASELINE_SIZE
         return prepare_mri(path, size, req.mri, req.seed, req.slice_index)
     task = prepare_ct(path, prior.image_size if prior is not None else None, req.ct, req.seed,
-                      normalization=normalization, slice_index=req.slice_index,
+                      normalization=None if prior is None else prior.meta.normalization, slice_index=req.slice_index,
                       prior_name=None if prior is None else prior.name)
     if ignored := req.mri.changed():
         task.notes.append(f"MRI options ignored for CT: {', '.join(ignored)}")

@@ -57,7 +57,7 @@ def run_solver(task: Task, method: str, prior=None, steps: int = 50, seed: int =
     _, y = task.data()
     problem = Problem(task.solver_operator(), y.expand(samples, *y.shape[1:]), task.noise_sigma)
     gen = torch.Generator().manual_seed(seed)
-    x, n = solve(prior, problem, (samples, 1, *task.shape), method, steps=steps, sigma_data=prior.meta["sigma_data"],
+    x, n = solve(prior, problem, (samples, 1, *task.shape), method, steps=steps, sigma_data=prior.meta.sigma_data,
                  sigma_min=prior.sigma_min, sigma_max=prior.sigma_max, generator=gen, callback=progress,
                  cg_iters=policy.cg_iters(task.family, method) if cg_iters is None else cg_iters)
     mag = task.image(x.detach())
