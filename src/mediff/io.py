@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import math
 import os
 import re
 import secrets
@@ -40,17 +39,16 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mediff.errors import MediffError
+from mediff.errors import MediffError, one_line
 
 PathLike = str | os.PathLike
 
 __all__ = [
     "MedicalImage",
-    "Normalization",
     "read_image",
     "read_kspace_h5",
     "write_image",
@@ -60,7 +58,6 @@ __all__ = [
     "write_dicom",
     "volume_to_slices",
     "slices_to_volume",
-    "normalize",
     "describe",
     "detect_format",
     "dicom_modality",
@@ -270,15 +267,10 @@ def read_image(
     except MediffError:
         raise
     except _extra_read_errors() as exc:
-        raise MediffError(f"cannot read {fmt} {p}: {_one_line(exc)}") from exc
+        raise MediffError(f"cannot read {fmt} {p}: {one_line(exc)}") from exc
     img.meta.setdefault("source", str(p))
     img.meta.setdefault("format", fmt)
     return img
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,7 +331,7 @@ def _dcmread(p: Path, stop_before_pixels: bool = False) -> Any:
         # force=True only for files without the standard preamble (old ACR-NEMA style exports).
         return pydicom.dcmread(str(p), force=not _has_dicm_preamble(p), stop_before_pixels=stop_before_pixels)
     except _extra_read_errors() as exc:
-        raise MediffError(f"cannot read DICOM {p}: {_one_line(exc)}") from exc
+        raise MediffError(f"cannot read DICOM {p}: {one_line(exc)}") from exc
 
 
 def _lookup(ds: Any, keyword: str, frame: int = 0) -> Any:
@@ -377,7 +369,7 @@ def _pixels(ds: Any, p: Path) -> np.ndarray:
         arr = ds.pixel_array
     except (*_extra_read_errors(), AttributeError) as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise MediffError(f"cannot decode DICOM pixel data of {p} (transfer syntax {ts}): {_one_line(exc)}") from exc
+        raise MediffError(f"cannot decode DICOM pixel data of {p} (transfer syntax {ts}): {one_line(exc)}") from exc
     return np.asarray(arr)
 
 
@@ -761,7 +753,7 @@ def _open_h5(p: Path) -> Any:
     try:
         return h5py.File(p, "r")
     except _extra_read_errors() as exc:
-        raise MediffError(f"cannot open HDF5 {p}: {_one_line(exc)}") from exc
+        raise MediffError(f"cannot open HDF5 {p}: {one_line(exc)}") from exc
 
 
 def _as_complex64(data: np.ndarray, p: Path) -> np.ndarray:
@@ -803,7 +795,7 @@ def read_kspace_h5(path: PathLike, slices: int | slice | None = None) -> dict[st
         except MediffError:
             raise
         except _extra_read_errors() as exc:
-            raise MediffError(f"cannot read HDF5 {p}: {_one_line(exc)}") from exc
+            raise MediffError(f"cannot read HDF5 {p}: {one_line(exc)}") from exc
     return {"kspace": kspace, "mask": mask, "reconstruction_rss": rss, "attrs": attrs, "ismrmrd_header": header}
 
 
@@ -1465,121 +1457,6 @@ def slices_to_volume(slices: Sequence[MedicalImage], axis: int = 2) -> MedicalIm
 
 
 # --------------------------------------------------------------------------------------------------
-# Intensity normalisation
-# --------------------------------------------------------------------------------------------------
-
-_NORM_KINDS = ("percentile", "minmax", "hu_window", "identity")
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """A recorded affine intensity map ``y = (x - offset) / scale`` (then optional clip to ``clip``).
-
-    kind: how offset/scale were chosen ("percentile", "minmax", "hu_window", "identity").
-    offset, scale: in input units (e.g. HU); ``invert`` returns to them exactly when unclipped.
-    clip: (lo, hi) in normalised units or None (default: no clipping, fully invertible).
-    params: how it was computed (e.g. {"percentile": 99.5, "value": 812.0}).
-    Works on numpy arrays and torch tensors alike (plain arithmetic and ``.clip``).
-    """
-
-    kind: str
-    offset: float
-    scale: float
-    clip: tuple[float, float] | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.kind not in _NORM_KINDS:
-            raise MediffError(f"unknown normalisation kind {self.kind!r} (expected one of {', '.join(_NORM_KINDS)})")
-        if not (math.isfinite(self.scale) and self.scale != 0 and math.isfinite(self.offset)):
-            raise MediffError(f"normalisation needs finite offset and non-zero scale, got {self.offset}, {self.scale}")
-
-    def apply(self, x: Any) -> Any:
-        """Input units -> normalised units. numpy in -> float32 out."""
-        if isinstance(x, np.ndarray) or np.isscalar(x):
-            x = np.asarray(x, dtype=np.float32)
-        y = (x - self.offset) / self.scale
-        return y.clip(*self.clip) if self.clip is not None else y
-
-    def invert(self, y: Any) -> Any:
-        """Normalised units -> input units (exact inverse of ``apply`` where nothing was clipped)."""
-        if isinstance(y, np.ndarray) or np.isscalar(y):
-            y = np.asarray(y, dtype=np.float32)
-        return y * self.scale + self.offset
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form."""
-        return {
-            "kind": self.kind,
-            "offset": float(self.offset),
-            "scale": float(self.scale),
-            "clip": None if self.clip is None else [float(self.clip[0]), float(self.clip[1])],
-            "params": dict(self.params),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Normalization":
-        try:
-            clip = d.get("clip")
-            return cls(
-                kind=str(d["kind"]),
-                offset=float(d["offset"]),
-                scale=float(d["scale"]),
-                clip=None if clip is None else (float(clip[0]), float(clip[1])),
-                params=dict(d.get("params") or {}),
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise MediffError(f"invalid normalisation record {dict(d)!r}: {_one_line(exc)}") from exc
-
-
-def normalize(
-    array: np.ndarray,
-    kind: str | None = None,
-    *,
-    modality: str | None = None,
-    percentile: float = 99.5,
-    hu_min: float = -1000.0,
-    hu_max: float = 1000.0,
-    clip: tuple[float, float] | None = None,
-) -> tuple[np.ndarray, Normalization]:
-    """Map intensities to roughly [0, 1] and record the map.
-
-    kind default: "hu_window" for modality CT, else "percentile".
-      percentile: 0 -> 0, the ``percentile``-th percentile of the finite values -> 1 (top not clipped).
-      minmax: min -> 0, max -> 1.
-      hu_window: hu_min -> 0, hu_max -> 1 (fixed; default (HU + 1000) / 2000).
-    Returns (float32 array, Normalization); ``norm.invert(out)`` gives back ``array``.
-    """
-    if kind is None:
-        kind = "hu_window" if (modality or "").upper() == "CT" else "percentile"
-    x = np.asarray(array)
-    if np.iscomplexobj(x):
-        raise MediffError("normalize needs real-valued data (take np.abs first)")
-    finite = x[np.isfinite(x)] if x.dtype.kind == "f" else x.ravel()
-    if kind == "percentile":
-        value = float(np.percentile(finite, percentile)) if finite.size else 0.0
-        scale = value
-        if scale <= 0:
-            # Mostly-zero images (masks, background-heavy slices): fall back to the max, then 1.
-            scale = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-        norm = Normalization("percentile", 0.0, scale, clip, {"percentile": float(percentile), "value": value})
-    elif kind == "minmax":
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        norm = Normalization("minmax", lo, (hi - lo) if hi > lo else 1.0, clip, {"min": lo, "max": hi})
-    elif kind == "hu_window":
-        if not hu_max > hu_min:
-            raise MediffError(f"hu_max must exceed hu_min, got {hu_min}, {hu_max}")
-        norm = Normalization(
-            "hu_window", float(hu_min), float(hu_max - hu_min), clip, {"hu_min": float(hu_min), "hu_max": float(hu_max)}
-        )
-    elif kind == "identity":
-        norm = Normalization("identity", 0.0, 1.0, clip)
-    else:
-        raise MediffError(f"unknown normalisation kind {kind!r} (expected one of {', '.join(_NORM_KINDS)})")
-    return norm.apply(x), norm
-
-
-# --------------------------------------------------------------------------------------------------
 # describe (for `mediff info`)
 # --------------------------------------------------------------------------------------------------
 
@@ -1616,7 +1493,7 @@ def describe(path: PathLike) -> dict[str, Any]:
                 info["datasets"] = sorted(f.keys())
                 info["attrs"] = {k: _h5_attr(v) for k, v in f.attrs.items()}
             except _extra_read_errors() as exc:
-                raise MediffError(f"cannot read HDF5 {p}: {_one_line(exc)}") from exc
+                raise MediffError(f"cannot read HDF5 {p}: {one_line(exc)}") from exc
             has_image = "reconstruction_rss" in f
         if not has_image:
             if "kspace" not in info.get("datasets", []):

@@ -18,8 +18,8 @@ from mediff.checkpoint import load_checkpoint, prefixed, save_checkpoint, split_
 from mediff.data import encode_row
 from mediff.denoiser import AutoGuidedDenoiser, CFGDenoiser, Denoiser, EDMPrecond
 from mediff.errors import MediffError
-from mediff.io import Normalization, normalize
 from mediff.nets import LeanUNet, UNetConfig
+from mediff.units import Normalization, normalize
 
 
 def builtin_priors() -> dict[str, Path]:
