@@ -222,82 +222,145 @@ def dicom_modality(path: PathLike) -> str:
     return str(dcmread(first, stop_before_pixels=True).get("Modality", "") or "").strip().upper()
 
 
+# (file, header-only Dataset) of each file of one series.
+_Members = list[tuple[Path, Any]]
+
+
 def read_dicom_series(folder: Path, raw: bool, series_uid: str | None) -> MedicalImage:
     """A series folder as (row, col, slice), slices ascending along the normal; the series is ``series_uid``,
     else the only or the largest one (a tie raises). Physical units unless ``raw``."""
-    candidates = _series_files(folder)
-    # Read headers first: choosing the series needs no pixel data, and skipping pixels is much faster.
-    by_series: dict[str, list[tuple[Path, Any]]] = {}
-    for f in candidates:
-        ds = dcmread(f, stop_before_pixels=True)
-        uid = str(ds.get("SeriesInstanceUID", "") or "")
-        if not uid or "Rows" not in ds:
-            raise MediffError(f"not a DICOM image (no SeriesInstanceUID/Rows): {f}")
-        by_series.setdefault(uid, []).append((f, ds))
-
+    by_series = _headers_by_series(_series_files(folder))
     meta: dict[str, Any] = {"format": "dicom-series"}
-    if series_uid is not None:
-        if series_uid not in by_series:
-            raise MediffError(f"series {series_uid} not in {folder} (found: {', '.join(sorted(by_series))})")
-        chosen = series_uid
-    elif len(by_series) == 1:
-        chosen = next(iter(by_series))
-    else:
-        counts = {uid: len(v) for uid, v in by_series.items()}
-        largest = max(counts.values())
-        tied = [uid for uid, n in counts.items() if n == largest]
-        if len(tied) > 1:
-            raise MediffError(
-                f"{folder} holds {len(counts)} DICOM series, {len(tied)} of them with {largest} files: "
-                "pass series_uid= to choose one"
-            )
-        chosen = tied[0]
-        meta["series_note"] = f"folder holds {len(counts)} series; read the largest ({largest} files)"
-        meta["other_series"] = {uid: n for uid, n in counts.items() if uid != chosen}
-    members = by_series[chosen]
-
+    members = by_series[_choose_series(by_series, series_uid, folder, meta)]
     for f, ds in members:
         if int(ds.get("NumberOfFrames", 1) or 1) > 1 and len(members) > 1:
             raise MediffError(f"series of multi-frame DICOM files is not supported: {f} (read the file itself)")
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             raise MediffError(f"colour DICOM (SamplesPerPixel={ds.SamplesPerPixel}) is not supported: {f}")
     if len(members) == 1:
-        img = read_dicom_file(members[0][0], raw)
-        if img.array.ndim == 2:
-            # A folder is always a volume: one slice becomes (rows, cols, 1); the affine already has
-            # the slice-normal step in its third column.
-            img.array = img.array[:, :, None]
-            img.spacing = tuple(float(v) for v in np.linalg.norm(img.affine[:3, :3], axis=0))
-            img.meta["axes"] = "row,col,slice"
-        img.meta.update(meta, format="dicom-series", n_files=1, files=[str(members[0][0])])
-        return img
+        return _read_one_file_series(members[0][0], raw, meta)
 
     # Order slices by position along the normal; filenames and InstanceNumber are unreliable.
-    ref_ds = members[0][1]
-    iop = _floats(ref_ds.get("ImageOrientationPatient"))
-    positions = [_floats(ds.get("ImagePositionPatient")) for _, ds in members]
-    geometry = bool(iop) and len(iop) == 6 and all(pos and len(pos) == 3 for pos in positions)
-    if geometry:
-        for f, ds in members:
-            other = _floats(ds.get("ImageOrientationPatient"))
-            if other is None or len(other) != 6 or np.max(np.abs(np.subtract(other, iop))) > 1e-4:
-                raise MediffError(f"slices of one series have different orientations ({f}): cannot stack {folder}")
-        normal = _slice_normal(iop)
-        dist = np.array([np.dot(normal, pos) for pos in positions])
-        order = np.argsort(dist, kind="stable")
-        gaps = np.diff(dist[order])
-        if np.any(gaps < 1e-3):
-            k = int(np.argmin(gaps))
-            raise MediffError(
-                f"two slices share a position ({members[order[k]][0].name}, {members[order[k + 1]][0].name}) in "
-                f"{folder}: multi-echo/temporal series are not supported, pass series_uid= or split the folder"
-            )
-    else:
+    geometry = _series_geometry(members)
+    if geometry is None:
         # No geometry: fall back to InstanceNumber and say so.
         order = np.argsort([int(ds.get("InstanceNumber", 0) or 0) for _, ds in members], kind="stable")
         meta["geometry_note"] = "missing ImagePositionPatient/ImageOrientationPatient: ordered by InstanceNumber"
-
+    else:
+        order = _order_by_position(members, *geometry, folder)
     ordered = [members[i][0] for i in order]
+    stored, slopes, inters, ps0 = _read_slice_pixels(ordered)
+    arr = _apply_rescale(stored, slopes, inters, raw, axis=2)
+
+    ref_ds = members[0][1]
+    ps = ps0 or [1.0, 1.0]
+    if geometry is None:
+        thickness = (_floats(ref_ds.get("SpacingBetweenSlices")) or _floats(ref_ds.get("SliceThickness")) or [1.0])[0]
+        affine = affine_from_spacing((ps[0], ps[1], thickness))
+        meta["spacing_known"] = False
+    else:
+        iop, positions = geometry
+        affine = _stack_affine(iop, [positions[i] for i in order], ps, folder, meta)
+        meta["spacing_known"] = bool(ps0)
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+
+    meta.update(_dicom_meta(ref_ds))
+    meta["axes"] = "row,col,slice"
+    meta["n_files"] = len(ordered)
+    meta["files"] = [str(f) for f in ordered]
+    same = len(set(slopes)) == 1 and len(set(inters)) == 1
+    meta["RescaleSlope"] = slopes[0] if same else slopes
+    meta["RescaleIntercept"] = inters[0] if same else inters
+    modality = str(ref_ds.Modality) if "Modality" in ref_ds else None
+    return MedicalImage(arr, affine, spacing, modality, meta)
+
+
+def _headers_by_series(files: list[Path]) -> dict[str, _Members]:
+    """The files grouped by SeriesInstanceUID, each with its header.
+
+    Headers only: choosing the series needs no pixel data, and skipping pixels is much faster.
+    """
+    by_series: dict[str, _Members] = {}
+    for f in files:
+        ds = dcmread(f, stop_before_pixels=True)
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if not uid or "Rows" not in ds:
+            raise MediffError(f"not a DICOM image (no SeriesInstanceUID/Rows): {f}")
+        by_series.setdefault(uid, []).append((f, ds))
+    return by_series
+
+
+def _choose_series(by_series: dict[str, _Members], series_uid: str | None, folder: Path, meta: dict[str, Any]) -> str:
+    """The UID to read: ``series_uid``, the only series, or the one with most files (noted in ``meta``)."""
+    if series_uid is not None:
+        if series_uid not in by_series:
+            raise MediffError(f"series {series_uid} not in {folder} (found: {', '.join(sorted(by_series))})")
+        return series_uid
+    if len(by_series) == 1:
+        return next(iter(by_series))
+    counts = {uid: len(v) for uid, v in by_series.items()}
+    largest = max(counts.values())
+    tied = [uid for uid, n in counts.items() if n == largest]
+    if len(tied) > 1:
+        raise MediffError(
+            f"{folder} holds {len(counts)} DICOM series, {len(tied)} of them with {largest} files: "
+            "pass series_uid= to choose one"
+        )
+    chosen = tied[0]
+    meta["series_note"] = f"folder holds {len(counts)} series; read the largest ({largest} files)"
+    meta["other_series"] = {uid: n for uid, n in counts.items() if uid != chosen}
+    return chosen
+
+
+def _read_one_file_series(f: Path, raw: bool, meta: dict[str, Any]) -> MedicalImage:
+    """A series of one file, read as that file; a folder is always a volume, so one slice is (rows, cols, 1)."""
+    img = read_dicom_file(f, raw)
+    if img.array.ndim == 2:
+        # The affine already has the slice-normal step in its third column.
+        img.array = img.array[:, :, None]
+        img.spacing = tuple(float(v) for v in np.linalg.norm(img.affine[:3, :3], axis=0))
+        img.meta["axes"] = "row,col,slice"
+    img.meta.update(meta, format="dicom-series", n_files=1, files=[str(f)])
+    return img
+
+
+def _series_geometry(members: _Members) -> tuple[list[float], list[list[float]]] | None:
+    """(ImageOrientationPatient of the first file, ImagePositionPatient of each), or None if any is missing."""
+    iop = _floats(members[0][1].get("ImageOrientationPatient"))
+    positions = [_floats(ds.get("ImagePositionPatient")) for _, ds in members]
+    if iop and len(iop) == 6 and all(pos and len(pos) == 3 for pos in positions):
+        return iop, positions
+    return None
+
+
+def _order_by_position(
+    members: _Members, iop: Sequence[float], positions: Sequence[Sequence[float]], folder: Path
+) -> np.ndarray:
+    """Indices of ``members`` by ascending position along the normal ``row_cos x col_cos``.
+
+    All slices must share the orientation, and no two a position (a multi-echo or temporal series
+    stacks several images at each position: one stack cannot hold it).
+    """
+    for f, ds in members:
+        other = _floats(ds.get("ImageOrientationPatient"))
+        if other is None or len(other) != 6 or np.max(np.abs(np.subtract(other, iop))) > 1e-4:
+            raise MediffError(f"slices of one series have different orientations ({f}): cannot stack {folder}")
+    normal = _slice_normal(iop)
+    dist = np.array([np.dot(normal, pos) for pos in positions])
+    order = np.argsort(dist, kind="stable")
+    gaps = np.diff(dist[order])
+    if np.any(gaps < 1e-3):
+        k = int(np.argmin(gaps))
+        raise MediffError(
+            f"two slices share a position ({members[order[k]][0].name}, {members[order[k + 1]][0].name}) in "
+            f"{folder}: multi-echo/temporal series are not supported, pass series_uid= or split the folder"
+        )
+    return order
+
+
+def _read_slice_pixels(ordered: list[Path]) -> tuple[np.ndarray, list[float], list[float], list[float] | None]:
+    """Stored pixels of the slices stacked as (rows, cols, slices), their rescale slopes and intercepts,
+    and the PixelSpacing of the first (every slice must match its size and spacing)."""
     slices, slopes, inters = [], [], []
     shape0 = None
     ps0 = None
@@ -318,36 +381,24 @@ def read_dicom_series(folder: Path, raw: bool, series_uid: str | None) -> Medica
         s, b = _rescale(ds)
         slopes.append(s)
         inters.append(b)
-    stored = np.stack(slices, axis=-1)  # (rows, cols, slices)
-    arr = _apply_rescale(stored, slopes, inters, raw, axis=2)
+    return np.stack(slices, axis=-1), slopes, inters, ps0
 
-    thickness = (_floats(ref_ds.get("SpacingBetweenSlices")) or _floats(ref_ds.get("SliceThickness")) or [1.0])[0]
-    ps = ps0 or [1.0, 1.0]
-    if geometry:
-        first = np.asarray(positions[order[0]])
-        last = np.asarray(positions[order[-1]])
-        # Mean step between first and last slice: also right for tilted-gantry CT (sheared affine).
-        step = (last - first) / (len(ordered) - 1)
-        gaps = np.diff(dist[order])
-        if np.max(np.abs(gaps - gaps.mean())) > max(1e-3, 0.01 * gaps.mean()):
-            meta["slice_spacing_nonuniform"] = {"min": float(gaps.min()), "max": float(gaps.max())}
-            warnings.warn(
-                f"{folder}: slice gaps vary from {gaps.min():.3f} to {gaps.max():.3f} mm; the affine uses the mean",
-                stacklevel=3,
-            )
-        affine = _dicom_affine(iop, first, ps, step)
-        meta["spacing_known"] = bool(ps0)
-    else:
-        affine = affine_from_spacing((ps[0], ps[1], thickness))
-        meta["spacing_known"] = False
-    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
 
-    meta.update(_dicom_meta(ref_ds))
-    meta["axes"] = "row,col,slice"
-    meta["n_files"] = len(ordered)
-    meta["files"] = [str(f) for f in ordered]
-    same = len(set(slopes)) == 1 and len(set(inters)) == 1
-    meta["RescaleSlope"] = slopes[0] if same else slopes
-    meta["RescaleIntercept"] = inters[0] if same else inters
-    modality = str(ref_ds.Modality) if "Modality" in ref_ds else None
-    return MedicalImage(arr, affine, spacing, modality, meta)
+def _stack_affine(
+    iop: Sequence[float], positions: Sequence[Sequence[float]], ps: Sequence[float], folder: Path, meta: dict[str, Any]
+) -> np.ndarray:
+    """RAS affine of slices at ``positions`` (in slice order), stepping by the mean gap; uneven gaps are
+    recorded in ``meta`` and warned about."""
+    first = np.asarray(positions[0])
+    last = np.asarray(positions[-1])
+    # Mean step between first and last slice: also right for tilted-gantry CT (sheared affine).
+    step = (last - first) / (len(positions) - 1)
+    normal = _slice_normal(iop)
+    gaps = np.diff([np.dot(normal, pos) for pos in positions])
+    if np.max(np.abs(gaps - gaps.mean())) > max(1e-3, 0.01 * gaps.mean()):
+        meta["slice_spacing_nonuniform"] = {"min": float(gaps.min()), "max": float(gaps.max())}
+        warnings.warn(
+            f"{folder}: slice gaps vary from {gaps.min():.3f} to {gaps.max():.3f} mm; the affine uses the mean",
+            stacklevel=4,  # attributed to read_image: _stack_affine < read_dicom_series < its reader lambda
+        )
+    return _dicom_affine(iop, first, ps, step)
