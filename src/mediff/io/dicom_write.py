@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -111,111 +112,21 @@ def _reference_dataset(reference: Any) -> Any:
     return reference  # a pydicom Dataset
 
 
-def _build_dicom_slice(
-    stored: np.ndarray,
-    *,
-    modality: str,
-    slope: float,
-    intercept: float,
-    affine: np.ndarray,
-    k: int,
-    n_slices: int,
-    series: dict[str, Any],
-    ref: Any,
-) -> Any:
-    """One DICOM dataset for slice ``k`` (stored: (rows, cols) int16/uint16)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+@dataclass(frozen=True)
+class _Series:
+    """What every slice of one written series shares."""
 
-    sop_uid = generate_uid()
-    fm = FileMetaDataset()
-    fm.MediaStorageSOPClassUID = _SOP_CLASS[modality]
-    fm.MediaStorageSOPInstanceUID = sop_uid
-    fm.TransferSyntaxUID = ExplicitVRLittleEndian
-    fm.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = FileDataset(None, {}, file_meta=fm, preamble=b"\x00" * 128)
-
-    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, in case descriptions are not ASCII
-    ds.SOPClassUID = _SOP_CLASS[modality]
-    ds.SOPInstanceUID = sop_uid
-    ds.ImageType = ["DERIVED", "SECONDARY"]  # these images are computed, not acquired
-    now = _dt.datetime.now()
-    ds.InstanceCreationDate = ds.ContentDate = ds.SeriesDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = ds.ContentTime = ds.SeriesTime = now.strftime("%H%M%S")
-    ds.Modality = modality
-    ds.PatientName = "Anonymous^Mediff"
-    ds.PatientID = "MEDIFF"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
-    ds.StudyDate = now.strftime("%Y%m%d")
-    ds.StudyTime = now.strftime("%H%M%S")
-    ds.StudyID = ""
-    ds.AccessionNumber = ""
-    ds.ReferringPhysicianName = ""
-    ds.PatientPosition = ""
-    ds.PositionReferenceIndicator = ""
-    ds.StudyInstanceUID = series["study_uid"]
-    ds.FrameOfReferenceUID = series["frame_uid"]
-    if ref is not None:
-        for kw in _REFERENCE_TAGS:
-            if kw in ref:
-                setattr(ds, kw, ref[kw].value)
-    ds.SeriesInstanceUID = series["series_uid"]
-    ds.SeriesNumber = series["series_number"]
-    ds.SeriesDescription = series["description"]
-    ds.InstanceNumber = k + 1
-    ds.AcquisitionNumber = 1
-    ds.ImageComments = "written by mediff"
-    ds.BurnedInAnnotation = "NO"
-
-    # Geometry: RAS affine -> LPS, columns (row step, col step, slice step).
-    lps = LPS_RAS @ affine
-    row_step, col_step, slice_step = lps[:3, 0], lps[:3, 1], lps[:3, 2]
-    d_row, d_col = float(np.linalg.norm(row_step)), float(np.linalg.norm(col_step))
-    row_cos, col_cos = col_step / d_col, row_step / d_row  # DICOM "row cosine" = direction along a row
-    ipp = lps[:3, 3] + k * slice_step
-    normal = np.cross(row_cos, col_cos)
-    thickness = float(np.linalg.norm(slice_step))
-    ds.ImageOrientationPatient = [_ds_number(round(v, 8)) for v in (*row_cos, *col_cos)]
-    ds.ImagePositionPatient = [_ds_number(v) for v in ipp]
-    ds.PixelSpacing = [_ds_number(d_row), _ds_number(d_col)]
-    ds.SliceThickness = _ds_number(thickness)
-    if n_slices > 1:
-        ds.SpacingBetweenSlices = _ds_number(abs(float(np.dot(slice_step, normal))))
-    ds.SliceLocation = _ds_number(float(np.dot(ipp, normal)))
-
-    if modality == "CT":
-        ds.KVP = ""
-        ds.RescaleType = "HU"
-    else:
-        ds.ScanningSequence = "RM"  # research mode: no real acquisition behind these pixels
-        ds.SequenceVariant = "NONE"
-        ds.ScanOptions = ""
-        ds.MRAcquisitionType = "2D" if n_slices == 1 else "3D"
-        ds.EchoTime = ""
-        ds.EchoTrainLength = ""
-    if modality == "CT" or slope != 1.0 or intercept != 0.0:
-        ds.RescaleSlope = _ds_number(slope)
-        ds.RescaleIntercept = _ds_number(intercept)
-        if modality != "CT":
-            ds.RescaleType = "US"  # unspecified units
-
-    signed = stored.dtype.kind == "i"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1 if signed else 0
-    phys = stored.astype(np.float64) * slope + intercept
-    if phys.size:
-        lo, hi = float(phys.min()), float(phys.max())
-        ds.WindowCenter = _ds_number((lo + hi) / 2)
-        ds.WindowWidth = _ds_number(max(hi - lo, 1.0))
-    ds.PixelData = np.ascontiguousarray(stored).tobytes()
-    ds["PixelData"].VR = "OW"
-    return ds
+    modality: str  # "MR" or "CT"
+    slope: float  # RescaleSlope/Intercept of the stored values
+    intercept: float
+    affine: np.ndarray  # (4, 4) voxel (row, col, slice) -> RAS mm
+    n_slices: int
+    description: str
+    ref: Any  # pydicom Dataset whose patient/study tags are copied, or None
+    series_uid: str
+    study_uid: str
+    frame_uid: str
+    number: int
 
 
 def write_dicom(
@@ -244,6 +155,41 @@ def write_dicom(
     """
     p = as_path(path)
     modality = modality.upper()
+    arr, aff = _dicom_input(p, array, modality, spacing, affine)
+    stored, slope_v, inter_v = _quantise(np.asarray(arr), modality, slope, intercept, p)
+    ref = _reference_dataset(reference)
+
+    from pydicom.uid import generate_uid
+
+    series = _Series(
+        modality=modality,
+        slope=slope_v,
+        intercept=inter_v,
+        affine=aff,
+        n_slices=arr.shape[2] if arr.ndim == 3 else 1,
+        description=series_description,
+        ref=ref,
+        series_uid=generate_uid(),
+        study_uid=generate_uid(),
+        frame_uid=generate_uid(),
+        number=1000 + secrets.randbelow(9000),
+    )
+    if arr.ndim == 2:
+        ds = _build_dicom_slice(stored, 0, series)
+        atomic_write(p, overwrite, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+        return [p]
+    return _write_dicom_series(p, stored, series, overwrite)
+
+
+def _dicom_input(
+    p: Path,
+    array: np.ndarray | MedicalImage,
+    modality: str,
+    spacing: Sequence[float] | None,
+    affine: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """write_dicom's checked input: real (rows, cols) or (rows, cols, slices) values and the RAS affine
+    (the default axial one when neither the image nor the caller gives geometry)."""
     if modality not in _SOP_CLASS:
         raise MediffError(f"write_dicom supports modality MR or CT, got {modality!r} (for {p})")
     arr, aff, src = unpack_image(array, affine)
@@ -262,77 +208,139 @@ def write_dicom(
     check_affine(aff, p)
     if min(np.linalg.norm(aff[:3, :2], axis=0)) <= 0:
         raise MediffError(f"affine for {p} has a zero pixel spacing")
-    stored, slope_v, inter_v = _quantise(np.asarray(arr), modality, slope, intercept, p)
-    ref = _reference_dataset(reference)
-
-    from pydicom.uid import generate_uid
-
-    series = {
-        "series_uid": generate_uid(),
-        "study_uid": generate_uid(),
-        "frame_uid": generate_uid(),
-        "series_number": 1000 + secrets.randbelow(9000),
-        "description": series_description,
-    }
-    if arr.ndim == 2:
-        ds = _build_dicom_slice(
-            stored,
-            modality=modality,
-            slope=slope_v,
-            intercept=inter_v,
-            affine=aff,
-            k=0,
-            n_slices=1,
-            series=series,
-            ref=ref,
-        )
-        atomic_write(p, overwrite, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
-        return [p]
-    return _write_dicom_series(p, stored, modality, slope_v, inter_v, aff, series, ref, overwrite)
+    return arr, aff
 
 
-def _write_dicom_series(
-    p: Path,
-    stored: np.ndarray,
-    modality: str,
-    slope: float,
-    intercept: float,
-    aff: np.ndarray,
-    series: dict[str, Any],
-    ref: Any,
-    overwrite: bool,
-) -> list[Path]:
-    if p.exists() and not p.is_dir():
-        raise MediffError(f"a 3D DICOM series is written to a folder, but {p} is a file")
-    existing = [e for e in p.iterdir()] if p.is_dir() else []
-    if existing and not overwrite:
-        raise MediffError(f"refusing to write a series into non-empty folder {p} (pass overwrite=True)")
-    foreign = [e.name for e in existing if not _DICOM_SERIES_FILE.fullmatch(e.name)]
-    if foreign:
-        # Never delete files we did not write; mixing series in one folder breaks reading.
-        raise MediffError(f"folder {p} holds files not written by mediff ({foreign[0]}, ...): choose an empty folder")
-    if not p.parent.is_dir():
-        raise MediffError(f"output folder does not exist: {p.parent} (for {p})")
+def _build_dicom_slice(stored: np.ndarray, k: int, series: _Series) -> Any:
+    """One DICOM dataset for slice ``k`` of ``series`` (stored: (rows, cols) int16/uint16)."""
+    ds = _new_dataset(series.modality)
+    _set_study_and_series(ds, k, series)
+    _set_geometry(ds, k, series.affine, series.n_slices)
+    _set_acquisition(ds, series)
+    _set_pixels(ds, stored, series.slope, series.intercept)
+    return ds
 
-    n = stored.shape[2]
-    names = [f"IM_{k + 1:05d}.dcm" for k in range(n)]
+
+def _new_dataset(modality: str) -> Any:
+    """An empty image dataset of the modality's SOP class, with its file meta and a new SOP instance UID."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+    sop_uid = generate_uid()
+    fm = FileMetaDataset()
+    fm.MediaStorageSOPClassUID = _SOP_CLASS[modality]
+    fm.MediaStorageSOPInstanceUID = sop_uid
+    fm.TransferSyntaxUID = ExplicitVRLittleEndian
+    fm.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset(None, {}, file_meta=fm, preamble=b"\x00" * 128)
+
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, in case descriptions are not ASCII
+    ds.SOPClassUID = _SOP_CLASS[modality]
+    ds.SOPInstanceUID = sop_uid
+    ds.ImageType = ["DERIVED", "SECONDARY"]  # these images are computed, not acquired
+    ds.Modality = modality
+    return ds
+
+
+def _set_study_and_series(ds: Any, k: int, series: _Series) -> None:
+    """Dates, anonymous patient and study (or the reference's), series and instance numbering."""
+    now = _dt.datetime.now()
+    ds.InstanceCreationDate = ds.ContentDate = ds.SeriesDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = ds.ContentTime = ds.SeriesTime = now.strftime("%H%M%S")
+    ds.PatientName = "Anonymous^Mediff"
+    ds.PatientID = "MEDIFF"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.StudyDate = now.strftime("%Y%m%d")
+    ds.StudyTime = now.strftime("%H%M%S")
+    ds.StudyID = ""
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.PatientPosition = ""
+    ds.PositionReferenceIndicator = ""
+    ds.StudyInstanceUID = series.study_uid
+    ds.FrameOfReferenceUID = series.frame_uid
+    if series.ref is not None:
+        for kw in _REFERENCE_TAGS:
+            if kw in series.ref:
+                setattr(ds, kw, series.ref[kw].value)
+    ds.SeriesInstanceUID = series.series_uid
+    ds.SeriesNumber = series.number
+    ds.SeriesDescription = series.description
+    ds.InstanceNumber = k + 1
+    ds.AcquisitionNumber = 1
+    ds.ImageComments = "written by mediff"
+    ds.BurnedInAnnotation = "NO"
+
+
+def _set_geometry(ds: Any, k: int, affine: np.ndarray, n_slices: int) -> None:
+    """Orientation, position of slice ``k``, pixel spacing and slice spacing from the RAS affine."""
+    # RAS affine -> LPS, columns (row step, col step, slice step).
+    lps = LPS_RAS @ affine
+    row_step, col_step, slice_step = lps[:3, 0], lps[:3, 1], lps[:3, 2]
+    d_row, d_col = float(np.linalg.norm(row_step)), float(np.linalg.norm(col_step))
+    row_cos, col_cos = col_step / d_col, row_step / d_row  # DICOM "row cosine" = direction along a row
+    ipp = lps[:3, 3] + k * slice_step
+    normal = np.cross(row_cos, col_cos)
+    thickness = float(np.linalg.norm(slice_step))
+    ds.ImageOrientationPatient = [_ds_number(round(v, 8)) for v in (*row_cos, *col_cos)]
+    ds.ImagePositionPatient = [_ds_number(v) for v in ipp]
+    ds.PixelSpacing = [_ds_number(d_row), _ds_number(d_col)]
+    ds.SliceThickness = _ds_number(thickness)
+    if n_slices > 1:
+        ds.SpacingBetweenSlices = _ds_number(abs(float(np.dot(slice_step, normal))))
+    ds.SliceLocation = _ds_number(float(np.dot(ipp, normal)))
+
+
+def _set_acquisition(ds: Any, series: _Series) -> None:
+    """The modality's required acquisition tags (empty or "research mode": nothing was acquired) and the
+    rescale (always for CT, whose values are HU; for MR only when it is not the identity)."""
+    if series.modality == "CT":
+        ds.KVP = ""
+        ds.RescaleType = "HU"
+    else:
+        ds.ScanningSequence = "RM"  # research mode: no real acquisition behind these pixels
+        ds.SequenceVariant = "NONE"
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "2D" if series.n_slices == 1 else "3D"
+        ds.EchoTime = ""
+        ds.EchoTrainLength = ""
+    if series.modality == "CT" or series.slope != 1.0 or series.intercept != 0.0:
+        ds.RescaleSlope = _ds_number(series.slope)
+        ds.RescaleIntercept = _ds_number(series.intercept)
+        if series.modality != "CT":
+            ds.RescaleType = "US"  # unspecified units
+
+
+def _set_pixels(ds: Any, stored: np.ndarray, slope: float, intercept: float) -> None:
+    """16-bit monochrome pixel data and a display window spanning the slice's physical values."""
+    signed = stored.dtype.kind == "i"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if signed else 0
+    phys = stored.astype(np.float64) * slope + intercept
+    if phys.size:
+        lo, hi = float(phys.min()), float(phys.max())
+        ds.WindowCenter = _ds_number((lo + hi) / 2)
+        ds.WindowWidth = _ds_number(max(hi - lo, 1.0))
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    ds["PixelData"].VR = "OW"
+
+
+def _write_dicom_series(p: Path, stored: np.ndarray, series: _Series, overwrite: bool) -> list[Path]:
+    """Write (rows, cols, slices) as ``p/IM_00001.dcm ...``: built in a temp folder, then moved in."""
+    existing = _series_folder_contents(p, overwrite)
+    names = [f"IM_{k + 1:05d}.dcm" for k in range(series.n_slices)]
     tmpdir = temp_path(p)
     try:
         tmpdir.mkdir()
-        for k in range(n):
-            ds = _build_dicom_slice(
-                stored[:, :, k],
-                modality=modality,
-                slope=slope,
-                intercept=intercept,
-                affine=aff,
-                k=k,
-                n_slices=n,
-                series=series,
-                ref=ref,
-            )
-            ds.save_as(tmpdir / names[k], enforce_file_format=True)
-            fsync(tmpdir / names[k])
+        for k, name in enumerate(names):
+            _build_dicom_slice(stored[:, :, k], k, series).save_as(tmpdir / name, enforce_file_format=True)
+            fsync(tmpdir / name)
         if not existing:
             # POSIX rename() replaces a missing or empty folder in one step: no one sees half a series.
             os.rename(tmpdir, p)
@@ -348,3 +356,20 @@ def _write_dicom_series(
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return [p / name for name in names]
+
+
+def _series_folder_contents(p: Path, overwrite: bool) -> list[Path]:
+    """The files a series write to folder ``p`` replaces (none for a new or empty folder); refuses a file,
+    a non-empty folder without ``overwrite``, and a folder holding files mediff did not write."""
+    if p.exists() and not p.is_dir():
+        raise MediffError(f"a 3D DICOM series is written to a folder, but {p} is a file")
+    existing = [e for e in p.iterdir()] if p.is_dir() else []
+    if existing and not overwrite:
+        raise MediffError(f"refusing to write a series into non-empty folder {p} (pass overwrite=True)")
+    foreign = [e.name for e in existing if not _DICOM_SERIES_FILE.fullmatch(e.name)]
+    if foreign:
+        # Never delete files we did not write; mixing series in one folder breaks reading.
+        raise MediffError(f"folder {p} holds files not written by mediff ({foreign[0]}, ...): choose an empty folder")
+    if not p.parent.is_dir():
+        raise MediffError(f"output folder does not exist: {p.parent} (for {p})")
+    return existing
