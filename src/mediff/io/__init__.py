@@ -54,7 +54,7 @@ __all__ = [
     "describe",
     "detect_format",
     "dicom_modality",
-    # Also used by the rest of the package / documented in read_image:
+    # The package's one atomic writer (checkpoints and reports use it too), read_image's NPZ key rule:
     "atomic_write",
     "NPZ_IMAGE_KEYS",
     "NPZ_META_KEYS",
