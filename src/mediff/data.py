@@ -55,7 +55,7 @@ class SliceSet:
 
 
 def hu_normalization(hu_min: float = HU_WINDOW[0], hu_max: float = HU_WINDOW[1]) -> dict:
-    """The metadata record of the HU window (``io.Normalization`` form, read by ``recon.ct.hu_window``)."""
+    """The metadata record of the HU window (``units.Normalization`` form, read by ``recon.ct.hu_window``)."""
     return {"kind": "hu_window", "offset": hu_min, "scale": hu_max - hu_min, "clip": None,
             "params": {"hu_min": hu_min, "hu_max": hu_max}}
 

@@ -19,9 +19,9 @@ from mediff.checkpoint import prefixed, save_checkpoint, split_prefix
 from mediff.data import encode_row
 from mediff.denoiser import AutoGuidedDenoiser, CFGDenoiser, Denoiser, EDMPrecond
 from mediff.errors import MediffError
-from mediff.io import Normalization, normalize
 from mediff.nets import LeanUNet, UNetConfig
 from mediff.prior_meta import GuideMeta, PriorMeta, read_prior_file
+from mediff.units import Normalization, normalize
 
 
 def builtin_priors() -> dict[str, Path]:

@@ -149,7 +149,7 @@ class PriorMeta:
         ``edm_sigma_range(sigma_data)``.
     image_size: side of the square images the network was trained on, in pixels.
     normalization: how input intensities became normalised units: {"kind": "percentile",
-        "percentile": 99.5} (per slice) or an ``io.Normalization.to_dict()`` record ("hu_window": a
+        "percentile": 99.5} (per slice) or an ``units.Normalization.to_dict()`` record ("hu_window": a
         fixed HU window, so results map back to HU exactly).
     covariates: the covariate encoding of a conditional prior ({"columns": {name: encoding},
         "dim": K}, ``mediff.data.covariate_spec``), or None for an unconditional one.

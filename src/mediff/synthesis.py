@@ -15,6 +15,7 @@ from mediff.errors import MediffError
 from mediff.prior import load_prior
 from mediff.samplers import SAMPLERS, nfe
 from mediff.schedules import karras
+from mediff.units import Normalization
 
 
 def progress_callback(total: int, label: str):
@@ -91,7 +92,7 @@ def write_samples(folder: Path, images: Tensor, meta: dict, dicom: bool = False)
     io.write_png(folder / "samples_grid.png", grid(arr), vmin=0.0, vmax=1.0)
     ct = meta.get("units") == "HU"
     if ct:
-        arr = io.Normalization.from_dict(meta["normalization"]).invert(arr)
+        arr = Normalization.from_dict(meta["normalization"]).invert(arr)
     io.write_nifti(folder / "samples.nii.gz", np.moveaxis(arr, 0, -1))
     io.write_npz(folder / "samples.npz", **{"hu" if ct else "images": arr}, meta=np.array(json.dumps(meta)))
     if dicom:

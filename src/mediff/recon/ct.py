@@ -66,7 +66,7 @@ CT_SLICE_ORIENTATION = ("P", "L", "S")
 
 def hu_window(normalization: dict | None, prior_name: str | None = None) -> tuple[float, float]:
     """(hu_min, hu_max) of a prior's metadata normalisation ({"kind": "hu_window", "hu_min", "hu_max"},
-    or ``io.Normalization.to_dict`` form); None -> (-1000, 1000). Non-CT normalisations raise."""
+    or ``units.Normalization.to_dict`` form); None -> (-1000, 1000). Non-CT normalisations raise."""
     if normalization is None:
         return -1000.0, 1000.0
     kind = normalization.get("kind")
