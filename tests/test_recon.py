@@ -377,15 +377,16 @@ def test_fastmri_multicoil_hdf5_estimates_noise_end_to_end(prior: Path, tmp_path
     assert r.shape == (SIZE, SIZE)
     assert_same_units(r, mags[1])
     assert "PSNR" in rows_by_method(rec)["dds"], "fully-sampled file: a reference exists"
-    # The solvers get the estimate, in the normalised units of y; the phase is calibrated on the whole
-    # band of fully-sampled centre columns (all rows).
+    # The solvers get the estimate, in the normalised units of y; the coil maps are calibrated on the
+    # whole band of fully-sampled centre columns (all rows), the phase comes from all acquired lines.
     # Multi-coil: the likelihood std is the larger of the noise estimate and the SENSE residual.
     task = prepare_mri(path, SIZE, MRIOptions(accel=3, center_fraction=0.25), slice_index=1)
     assert problem["sense_residual_sigma"] > 0
     assert task.noise_sigma == pytest.approx(max(problem["noise_sigma"], problem["sense_residual_sigma"]), rel=1e-6)
     assert problem["noise_sigma"] * task.scale == pytest.approx(problem["noise_sigma_kspace_units"], rel=1e-6)
     rows, cols = calib_region(task.mask)
-    assert rows == SIZE and f"{rows}x{cols} fully-sampled centre" in notes
+    assert rows == SIZE and f"{rows}x{cols} calibration region" in notes
+    assert "phase from a TV reconstruction of all acquired lines" in notes
     # Without the simulation options there is nothing to call ignored.
     assert "ignored_options" not in task.info and not any("ignored" in n for n in task.notes)
 

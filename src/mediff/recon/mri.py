@@ -5,11 +5,15 @@ fastMRI-style HDF5 (``kspace`` (C, H, W) or (S, C, H, W), optional ``mask``), or
 and ``mask``. Everything is solved in the prior's normalised units: the scale is the 99.5th
 percentile of the zero-filled magnitude, known from the data alone, and undone on output.
 
-Phase: the priors model magnitude images. The complex image is written x * phase with the phase of
-a low-resolution image from the fully-sampled k-space centre (``lowres_phase`` on the whole
-``calib_region``: for 1D masks all rows of the centre columns, so the phase has full resolution along
-the rows), so solvers work on a real x through ``MagnitudeMRI`` (a ``PhaseModulated``). Classical
-baselines reconstruct the complex image directly.
+Phase: the priors model magnitude images. The complex image is written x * phase with a fixed phase,
+so solvers work on a real x through ``MagnitudeMRI`` (a ``PhaseModulated``); whatever the fixed phase
+misses, the data term pushes into the magnitude. Measured k-space carries real MR phase
+(off-resonance, susceptibility, the coil combination) with structure beyond the fully-sampled
+centre: its phase is that of a TV reconstruction of all acquired lines (``data_phase``). k-space
+simulated from a magnitude image is real by construction up to the coil combination's smooth phase,
+which the low-resolution image of the fully-sampled centre captures exactly, whereas TV's phase
+carries its aliasing residue (``lowres_phase`` on the whole ``calib_region``: for 1D masks all rows of
+the centre columns). Classical baselines reconstruct the complex image directly.
 
 Noise: simulated k-space knows its noise (``noise``); for measured k-space the noise std per complex
 entry is estimated from the outer k-space (``estimate_noise_sigma``) and handed to the solvers.
@@ -52,7 +56,7 @@ GRID_MULTIPLE = 16
 class MRITask(Task):
     """An MRI problem: op maps a complex image (1, 1, H, W) to k-space (1, C, H, W).
 
-    phase: (1, 1, H, W) unit-modulus phase the magnitude is solved through; mask: (H, W) bool sampling
+    phase: (1, 1, H, W) unit-modulus phase the magnitude is solved through (module docstring); mask: (H, W) bool sampling
     mask; support: with estimated coil maps, (1, 1, H, W) 1 inside the maps' support and 0 outside (A
     is blind outside, so whatever a solver leaves there is the prior's invention: images are zeroed
     there); row_gram: apply A^H A as per-row matrices when the mask allows (False: FFTs)."""
@@ -164,6 +168,20 @@ def simulate_mri(image: np.ndarray, options: MRIOptions = MRIOptions(), seed: in
                    phase=lowres_phase(k, op, region), mask=m.mask, support=_support(op))
 
 
+def data_phase(op: LinearOperator, y: Tensor) -> Tensor:
+    """Unit-modulus phase (B, 1, H, W) of the TV reconstruction of k-space ``y`` (B, C, H, W) in the
+    prior's normalised units (the TV baseline's weight and iterations, ``policy``); 1 where it is 0.
+
+    Why TV of all the data rather than the low-resolution image of the fully-sampled centre
+    (``lowres_phase``) for measured k-space: the centre holds a small fraction of the lines, so its
+    phase is blurred along the undersampled direction, while TV fits every acquired line and, acting
+    on the complex image, keeps phase edges. benchmarks/mri_real.py compares the two against the
+    fully-sampled (oracle) phase."""
+    c = baselines.tv_reconstruct(op, y, policy.BASELINE_LAMBDA["mri"]["tv"], iters=policy.BASELINE_ITERS["mri"])
+    mag = c.abs()
+    return torch.where(mag > 0, c / mag.clamp_min(torch.finfo(mag.dtype).tiny), torch.ones_like(c))
+
+
 def _support(op: LinearOperator) -> Tensor | None:
     return op.support if isinstance(op, MultiCoilMRI) else None
 
@@ -248,10 +266,9 @@ def _prepare_kspace(path: Path, fmt: str, options: MRIOptions, seed: int, slice_
         notes.append(f"{c}-coil data; sensitivities estimated by ESPIRiT from a {region[0]}x{region[1]} calibration region")
     # A reference exists only when the file holds fully-sampled k-space (retrospective undersampling).
     ref = rss(ifft2c(full)) if bool(np.all(np.abs(ksp).sum(axis=(0, 1)) > 0)) else None
-    notes.append(f"real k-space data; phase from the low-resolution image of the {region[0]}x{region[1]} "
-                 f"fully-sampled centre")
-    phase = lowres_phase(y, op, region)
     scale = _scale_of(op, y)
+    phase = data_phase(op, y / scale)
+    notes.append("measured k-space; image phase from a TV reconstruction of all acquired lines")
     sigma_file = _noise_of(y, mask, scale, notes)
     model_info: dict = {}
     sigma_lik = _with_model_error(op, y, sigma_file, scale, notes, model_info)
@@ -305,7 +322,7 @@ def coil_maps(kspace: Tensor, region: tuple[int, int]) -> Tensor:
 def calib_region(mask: np.ndarray) -> tuple[int, int]:
     """(rows, cols) of the fully-sampled centre: every row of the contiguous centre columns for 1D
     masks, else the largest fully-sampled centred square (Poisson-disc, radial). Raises MediffError
-    below 4 so phase and coil maps are never calibrated on a handful of samples."""
+    below 4 so coil maps are never calibrated on a handful of samples."""
     h, w = mask.shape
     cols = mask.all(axis=0)
     c = w // 2
@@ -321,6 +338,6 @@ def calib_region(mask: np.ndarray) -> tuple[int, int]:
                                           c - (side + 2) // 2: c + (side + 2) - (side + 2) // 2].all():
         side += 2
     if side < 4:
-        raise MediffError("the mask has no fully-sampled centre of >= 4 lines: phase and coil maps cannot be "
-                          "calibrated (raise --center-fraction)")
+        raise MediffError("the mask has no fully-sampled centre of >= 4 lines to calibrate on (raise "
+                          "--center-fraction)")
     return side, side
