@@ -172,6 +172,36 @@ def test_dds_nifti_keeps_grid_affine_and_units(prior: Path, inputs: dict, tmp_pa
     assert metrics_of(out)["nfe"] == 3
 
 
+@pytest.mark.parametrize("layout", ["one-slice", "volume-LPI"])
+def test_nifti_volume_output_is_on_the_input_voxel_grid(prior: Path, tmp_path: Path, layout: str) -> None:
+    """A slice of a NIfTI volume comes back in the input's voxel order and affine (length 1 on the slice
+    axis), so it compares voxel by voxel with the input, whatever the input's orientation."""
+    import nibabel as nib
+
+    img = phantom()
+    if layout == "one-slice":  # a 2D slice saved as a 3D NIfTI, identity orientation (RAS)
+        arr, affine, k = img[:, :, None], np.diag([2.0, 2.0, 2.0, 1.0]), 0
+    else:  # three slices stored L-P-I: the slice axis is the last, flipped
+        arr = np.stack([0.5 * img, img, 0.7 * img], axis=2)
+        affine, k = np.diag([-2.0, -2.0, -3.0, 1.0]), 1
+        affine[:3, 3] = [30.0, 40.0, 12.0]
+    path = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(path))
+    out = tmp_path / "o"
+    code, _, err = recon(prior, path, out, "--solver", "dds", "--steps", 3, "--compare", "zero-filled")
+    assert code == 0, err
+    for name in ("recon.nii.gz", "zero_filled.nii.gz"):
+        rec, rec_aff = read_nifti(out / name)
+        assert rec.shape == (SIZE, SIZE, 1), rec.shape
+        want = affine.copy()
+        want[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, k]) + affine[:3, 3]
+        np.testing.assert_allclose(rec_aff, want, atol=1e-5)
+        truth, r = arr[:, :, k], rec[:, :, 0]
+        # Of the 8 ways to lay a square slice onto the grid, the input's must fit it best, by a margin.
+        others = [np.abs(np.rot90(v, q) - truth).mean() for v in (r, r.T) for q in range(4)][1:]
+        assert np.abs(r - truth).mean() < 0.8 * min(others), "voxel order differs from the input's"
+
+
 def test_real_mr_dicom_is_resampled_and_back(prior: Path, tmp_path: Path) -> None:
     pydicom = pytest.importorskip("pydicom")
     from pydicom.data import get_testdata_file

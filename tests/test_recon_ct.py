@@ -147,12 +147,13 @@ def test_volume_input_middle_slice(files: dict[str, Path], tmp_path: Path) -> No
     code, _, err = run_cli("reconstruct", "--input", files["vol"], "--out", out, "--solver", "fbp", "--views", 90,
                            "--compare", "")
     assert code == 0, err
-    # The RAS volume (axes R, A, S) is reoriented to axial DICOM order (rows to P, columns to L), and
-    # the affine says so: output voxel (i, j) is input voxel (N-1-j, N-1-i, 1).
+    # The RAS volume (axes R, A, S) is reoriented to axial DICOM order (rows to P, columns to L) for the
+    # prior, and the result goes back onto the input's grid: output voxel (i, j, 0) is input voxel (i, j, 1).
     recon = load(out / "recon.nii.gz")
-    assert_hu(recon[::-1, ::-1].T)
+    assert recon.shape == (N, N, 1)
+    assert_hu(recon[:, :, 0])
     aff = nib.load(str(out / "recon.nii.gz")).affine
-    np.testing.assert_allclose(aff @ [2, 5, 0, 1], np.diag([PX, PX, PX, 1.0]) @ [N - 6, N - 3, 1, 1])
+    np.testing.assert_allclose(aff @ [2, 5, 0, 1], np.diag([PX, PX, PX, 1.0]) @ [2, 5, 1, 1])
     code, _, err = run_cli("reconstruct", "--input", files["vol"], "--out", tmp_path / "s", "--solver", "fbp",
                            "--slice", 2, "--compare", "")
     assert code == 0, err

@@ -52,7 +52,7 @@ from mediff.physics.ct import MU_WATER_PER_MM, ParallelBeamCT, check_hu, check_s
     limited_angle_angles, simulate_sinogram, sparse_view_angles
 from mediff.physics.operators import LinearOperator, Weighted
 from mediff.recon import policy
-from mediff.recon.grid import GridMap, fit_to_grid, pick_slice
+from mediff.recon.grid import GridMap, InputGrid, fit_to_grid, pick_slice
 from mediff.recon.options import CTOptions
 from mediff.recon.task import Task
 from mediff.report import Panel
@@ -272,7 +272,7 @@ def prepare_ct(path: Path, size: int | None, options: CTOptions = CTOptions(), s
             raise MediffError(f"cannot read npz {path}: {exc}") from None
         if is_sino:
             return _prepare_sinogram(path, size, options, hu_range)
-    image, affine, px, notes = _read_hu(path, fmt, slice_index)
+    image, affine, px, notes, grid = _read_hu(path, fmt, slice_index)
     check_hu(image)
     own_grid = size is None
     if own_grid:
@@ -281,20 +281,23 @@ def prepare_ct(path: Path, size: int | None, options: CTOptions = CTOptions(), s
     if own_grid and fit_note:
         fit_note = fit_note.replace("the prior's", "a", 1)
     task = simulate_ct(work, options, seed, px_work, hu_range)
-    task.to_input, task.affine = back, affine
+    task.to_input, task.affine, task.grid = back, affine, grid
     task.notes[:0] = [n for n in (*notes, fit_note) if n]
     task.notes.append(f"working grid {size}x{size}, pixel {px_work:.3g} mm")
     return task
 
 
-def _read_hu(path: Path, fmt: str, slice_index: int | None) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
-    """The 2D HU slice, its affine, its pixel size (mm) and notes."""
+def _read_hu(path: Path, fmt: str, slice_index: int | None
+             ) -> tuple[np.ndarray, np.ndarray, float, list[str], InputGrid | None]:
+    """The 2D HU slice, its affine, its pixel size (mm), notes, and where it sits on the input's voxel
+    grid (None for 2D images and numpy stacks, which are written as the 2D slice)."""
     img = io.read_image(path)
     notes: list[str] = []
     arr = np.asarray(img.array)
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise MediffError(f"{path}: CT image must be real-valued HU, got {arr.dtype}")
     spacing: float | None = None
+    grid = None
     if fmt in ("npy", "npz") and arr.ndim == 3:
         # A stack (slices, H, W) as numpy stores it (e.g. one slice per patient): no reorientation.
         k = arr.shape[0] // 2 if slice_index is None else slice_index
@@ -308,7 +311,7 @@ def _read_hu(path: Path, fmt: str, slice_index: int | None) -> tuple[np.ndarray,
                     ps = np.atleast_1d(z["pixel_spacing_mm"]).astype(float)
                     spacing = float(ps[k] if ps.size == arr.shape[0] else ps[0])
     else:
-        image, affine, note = pick_slice(img, slice_index, CT_SLICE_ORIENTATION, axis=2)
+        image, affine, note, grid = pick_slice(img, slice_index, CT_SLICE_ORIENTATION, axis=2)
         if note:
             notes.append(note)
         if fmt == "npz" and arr.ndim == 2:
@@ -327,7 +330,7 @@ def _read_hu(path: Path, fmt: str, slice_index: int | None) -> tuple[np.ndarray,
         raise MediffError(f"{path}: pixel spacing must be positive, got {spacing}")
     if fmt in ("npy", "npz") and (arr.ndim == 3 or not img.meta.get("spacing_known", False)):
         affine = np.diag([spacing, spacing, 1.0, 1.0])  # no geometry stored: the pixel size only
-    return image, affine, spacing, notes
+    return image, affine, spacing, notes, grid
 
 
 def _rebin(sino: np.ndarray, spacing: float, n_new: int, new_spacing: float, shift: np.ndarray) -> np.ndarray:

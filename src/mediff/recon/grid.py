@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -44,22 +45,58 @@ def fit_to_grid(image: np.ndarray, size: int) -> tuple[np.ndarray, GridMap, str 
     return out, back, note
 
 
+@dataclass(frozen=True)
+class InputGrid:
+    """Where a 2D slice picked from a volume sits on the input's own voxel grid, so outputs can be
+    written there: tools such as FSL, ANTs or nibabel arithmetic compare voxel by voxel, and a slice
+    that is right in world coordinates but rotated in voxel order defeats them.
+
+    ``transform``: nibabel orientation transform from the reoriented frame back to the input's axes;
+    ``axis``: the slice axis in the reoriented frame; ``affine``: the input's affine moved to the slice
+    (for an input with one slice, the input's affine)."""
+
+    transform: np.ndarray
+    axis: int
+    affine: np.ndarray
+
+    def place(self, a: np.ndarray) -> np.ndarray:
+        """A slice (H, W) in the reoriented frame -> the input's voxel order, length 1 on its slice axis."""
+        import nibabel.orientations as nio
+
+        return np.ascontiguousarray(nio.apply_orientation(np.expand_dims(a, self.axis), self.transform))
+
+
+def _input_grid(img_affine: np.ndarray, src: np.ndarray, dst: np.ndarray, axis: int, k: int, n: int) -> InputGrid:
+    """The ``InputGrid`` of slice ``k`` of ``n`` along ``axis`` of a volume reoriented from the
+    nibabel orientation ``src`` (the input's) to ``dst``."""
+    import nibabel.orientations as nio
+
+    to_frame = nio.ornt_transform(src, dst)  # row i: (axis of input axis i in the frame, flip)
+    src_axis = int(np.flatnonzero(to_frame[:, 0] == axis)[0])  # the input axis that became ``axis``
+    k_in = n - 1 - k if to_frame[src_axis, 1] < 0 else k
+    shift = np.eye(4)
+    shift[src_axis, 3] = k_in
+    return InputGrid(transform=nio.ornt_transform(dst, src), axis=axis, affine=img_affine @ shift)
+
+
 def pick_slice(img: io.MedicalImage, slice_index: int | None, orientation: tuple[str, str, str] = SLICE_ORIENTATION,
-               axis: int = 1) -> tuple[np.ndarray, np.ndarray, str | None]:
+               axis: int = 1) -> tuple[np.ndarray, np.ndarray, str | None, InputGrid | None]:
     """A 2D image as is, or the slice ``slice_index`` (default: middle) along ``axis`` of a volume
     reoriented to ``orientation`` (MRI: P-S-R, axis 1; CT: P-L-S, axis 2).
 
-    Returns (slice (H, W) float32 magnitude, its 4x4 affine, a note or None)."""
+    Returns (slice (H, W) float32 magnitude, its 4x4 affine, a note or None, where the slice sits on
+    the input's voxel grid (None for a 2D input: it is that grid))."""
     import nibabel.orientations as nio
 
     arr = np.asarray(img.array)
     if np.iscomplexobj(arr):
         arr = np.abs(arr)
     if arr.ndim == 2:
-        return arr.astype(np.float32), img.affine, None
+        return arr.astype(np.float32), img.affine, None, None
     if arr.ndim != 3:
         raise MediffError(f"expected a 2D image or 3D volume, got shape {arr.shape}")
-    transform = nio.ornt_transform(nio.io_orientation(img.affine), nio.axcodes2ornt(orientation))
+    src, dst = nio.io_orientation(img.affine), nio.axcodes2ornt(orientation)
+    transform = nio.ornt_transform(src, dst)
     vol = nio.apply_orientation(arr, transform)
     affine = img.affine @ nio.inv_ornt_aff(transform, arr.shape)
     k = vol.shape[axis] // 2 if slice_index is None else slice_index
@@ -71,5 +108,7 @@ def pick_slice(img: io.MedicalImage, slice_index: int | None, orientation: tuple
     to_vol = np.zeros((4, 4))
     to_vol[rows, 0] = to_vol[cols, 1] = to_vol[axis, 2] = to_vol[3, 3] = 1.0
     to_vol[axis, 3] = k
-    note = f"axial slice {k} of {vol.shape[axis]} reconstructed (volume reoriented to {''.join(orientation)})"
-    return np.ascontiguousarray(np.take(vol, k, axis=axis), dtype=np.float32), affine @ to_vol, note
+    note = (None if vol.shape[axis] == 1 else
+            f"axial slice {k} of {vol.shape[axis]} reconstructed (volume reoriented to {''.join(orientation)})")
+    grid = _input_grid(img.affine, src, dst, axis, k, vol.shape[axis])
+    return np.ascontiguousarray(np.take(vol, k, axis=axis), dtype=np.float32), affine @ to_vol, note, grid

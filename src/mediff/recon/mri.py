@@ -131,12 +131,12 @@ def prepare_mri(path: Path, size: int, options: MRIOptions = MRIOptions(), seed:
             task.info["ignored_options"] = ignored
         return task
     img = io.read_image(path)
-    image, affine, note = pick_slice(img, slice_index)
+    image, affine, note, grid = pick_slice(img, slice_index)
     if not np.isfinite(image).all():
         raise MediffError(f"{path} contains NaN or infinite values")
     work, back, fit_note = fit_to_grid(np.clip(image, 0, None), size)
     task = simulate_mri(work, options, seed)
-    task.to_input, task.affine = back, affine
+    task.to_input, task.affine, task.grid = back, affine, grid
     task.notes[:0] = [n for n in (note, fit_note) if n]
     return task
 

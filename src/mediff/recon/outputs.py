@@ -16,13 +16,14 @@ from mediff.report import Panel, write_report
 def write_outputs(out: Path, task: Task, res: ReconResult, comp: ReconResult, record: dict, dicom: bool = False,
                   dicom_reference: Path | None = None) -> None:
     """recon.nii.gz, the companion baseline (zero_filled / fbp .nii.gz), std.nii.gz, recon_dicom/ and
-    report.html into ``out``. NIfTI/DICOM are in input units on the input grid (CT: HU)."""
-    recon = task.input_units(res.mean)
-    io.write_nifti(out / "recon.nii.gz", recon, task.affine)
-    io.write_nifti(out / f"{task.companion.replace('-', '_')}.nii.gz", task.input_units(comp.mean), task.affine)
+    report.html into ``out``. NIfTI/DICOM are in input units (CT: HU); NIfTI on the input's voxel grid
+    (its voxel order and affine), DICOM as a slice with its world geometry."""
+    io.write_nifti(out / "recon.nii.gz", *task.on_input_grid(res.mean))
+    io.write_nifti(out / f"{task.companion.replace('-', '_')}.nii.gz", *task.on_input_grid(comp.mean))
     if res.std is not None:
-        io.write_nifti(out / "std.nii.gz", task.input_units(res.std, shift=False), task.affine)
+        io.write_nifti(out / "std.nii.gz", *task.on_input_grid(res.std, shift=False))
     if dicom:
+        recon = task.input_units(res.mean)
         io.write_dicom(out / "recon_dicom", np.asarray(recon, dtype=np.float32)[..., None],
                        modality=task.dicom_modality, affine=task.affine, reference=dicom_reference,
                        series_description=f"mediff {record['solver']}")

@@ -18,7 +18,7 @@ from torch import Tensor
 from mediff import metrics
 from mediff.errors import MediffError
 from mediff.physics.operators import LinearOperator
-from mediff.recon.grid import GridMap
+from mediff.recon.grid import GridMap, InputGrid
 from mediff.report import Panel
 
 
@@ -30,7 +30,8 @@ def _same_grid(a: np.ndarray) -> np.ndarray:
 class Task:
     """op: image (1, 1, H, W) -> data y; y: data in normalised units; noise_sigma: std per entry of y
     (normalised); scale: input units per normalised unit; reference: (1, 1, H, W) real, normalised, or
-    None; to_input: working-grid image -> the input's grid; affine: the input slice's 4x4 affine."""
+    None; to_input: working-grid image -> the input's grid; affine: the input slice's 4x4 affine;
+    grid: where that slice sits on the input's voxel grid (None: the input is 2D, its grid is the slice's)."""
 
     op: LinearOperator
     y: Tensor
@@ -39,6 +40,7 @@ class Task:
     reference: Tensor | None = None
     to_input: GridMap = _same_grid
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    grid: InputGrid | None = None
     notes: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
     offset: float = 0.0  # input units at normalised 0
@@ -112,6 +114,12 @@ class Task:
         ``shift=False`` for differences such as a posterior std (scaled, no offset)."""
         a = x[0, 0].detach().float().cpu().numpy() * self.scale + (self.offset if shift else 0.0)
         return self.to_input(a)
+
+    def on_input_grid(self, x: Tensor, shift: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(array, 4x4 affine) of a working-grid image (1, 1, H, W) in input units on the input's own
+        voxel grid: the input's voxel order and affine, length 1 on the slice axis of a volume."""
+        a = self.input_units(x, shift)
+        return (a, self.affine) if self.grid is None else (self.grid.place(a), self.grid.affine)
 
     def shown(self, x: Tensor) -> np.ndarray:
         """A working-grid image (1, 1, H, W) in the report's display units (H, W)."""
