@@ -44,7 +44,8 @@ from PIL import Image
 
 from common import RESULTS, machine, write_table
 from mri import tuning_slices
-from mediff.physics.mri import MultiCoilMRI, fft2c, ifft2c, lowres_phase, simulate_coil_maps, simulate_kspace
+from mediff.physics.mri import MultiCoilMRI, fft2c, ifft2c, lowres_phase, simulate_coil_maps, simulate_kspace, \
+    unit_phase
 from mediff.physics.operators import Composed
 from mediff.prior import load_prior
 from mediff.recon import MRIOptions, MRITask, prepare_mri, run_solver
@@ -56,9 +57,9 @@ PHASE_LOWPASS = 16  # half-width (k-space lines at 128 px) of the triangular win
 IXI_NOISE = 0.005
 
 
-def _unit(c: torch.Tensor) -> torch.Tensor:
-    mag = c.abs()
-    return torch.where(mag > 0, c / mag.clamp_min(torch.finfo(mag.dtype).tiny), torch.ones_like(c))
+def _family(case: str) -> str:
+    """A case's family: its name without the index (``kellman3`` -> ``kellman``)."""
+    return case.rstrip("0123456789")
 
 
 def _write_h5(path: Path, kspace: np.ndarray) -> Path:
@@ -96,7 +97,7 @@ def _phase_map(im: np.ndarray, size: int) -> torch.Tensor:
     zz = F.interpolate(torch.stack([z.real, z.imag])[None], size=(size, size), mode="bilinear", align_corners=False)[0]
     r = (torch.arange(size) - size // 2).abs().float()
     tri = torch.clamp(1 - r / PHASE_LOWPASS, 0)
-    return _unit(ifft2c(fft2c(torch.complex(zz[0], zz[1])[None, None]) * (tri[:, None] * tri[None, :]))[0, 0])
+    return unit_phase(ifft2c(fft2c(torch.complex(zz[0], zz[1])[None, None]) * (tri[:, None] * tri[None, :]))[0, 0])
 
 
 def ixi_phase_cases(prior, data: Path, tmp: Path, n: int) -> list[tuple[str, Path]]:
@@ -113,17 +114,29 @@ def ixi_phase_cases(prior, data: Path, tmp: Path, n: int) -> list[tuple[str, Pat
     return cases
 
 
+def _on_working_grid(task: MRITask, phase_of) -> torch.Tensor:
+    """``phase_of(sense_op)``, a phase (1, 1, h, w) on the scan's grid computed with the task's SENSE
+    operator, brought onto the working grid (1 where ``prepare_mri`` padded the scan's grid)."""
+    sense, crop = (task.op.outer, task.op.inner_op) if isinstance(task.op, Composed) else (task.op, None)
+    phase = phase_of(sense)
+    return phase if crop is None else unit_phase(crop.AH(phase))
+
+
+def centre_phase(task: MRITask) -> torch.Tensor:
+    """The previous design: the low-resolution phase of the fully-sampled k-space centre."""
+    return _on_working_grid(task, lambda sense: lowres_phase(task.y, sense, calib_region(task.mask)))
+
+
 def oracle_phase(task: MRITask, path: Path) -> torch.Tensor:
-    """Phase (1, 1, H, W) of the fully-sampled image in the task's frame (coils combined with its maps),
-    on its working grid (padded with 1 where ``prepare_mri`` padded the scan's grid)."""
+    """Phase of the fully-sampled image in the task's frame (coils combined with its maps)."""
     k = torch.from_numpy(h5py.File(path)["kspace"][()]).to(torch.complex64)
     coil = ifft2c((k[k.shape[0] // 2] if k.dim() == 4 else k)[None])
-    sense, crop = (task.op.outer, task.op.inner_op) if isinstance(task.op, Composed) else (task.op, None)
-    comb = (sense.coil_maps.conj() * coil).sum(1, keepdim=True) if isinstance(sense, MultiCoilMRI) else coil
-    if crop is None:
-        return _unit(comb)
-    padded = crop.AH(_unit(comb))
-    return torch.where(padded.abs() > 0, padded, torch.ones_like(padded))
+
+    def combined(sense) -> torch.Tensor:
+        return unit_phase((sense.coil_maps.conj() * coil).sum(1, keepdim=True) if isinstance(sense, MultiCoilMRI)
+                          else coil)
+
+    return _on_working_grid(task, combined)
 
 
 def figure(name: str, task: MRITask, images: dict[str, torch.Tensor]) -> Path:
@@ -162,8 +175,7 @@ def run_case(prior, name: str, path: Path, accel: float, seed: int, methods: lis
     task = prepare_mri(path, prior.image_size, MRIOptions(accel=accel), seed=seed)
     base = {"case": name, "grid": "x".join(map(str, task.shape)), "coils": task.info["coils"], "accel": accel,
             "prepare_s": time.perf_counter() - t0}
-    phases = {"centre-phase": lambda: lowres_phase(task.y, task.op, calib_region(task.mask)),
-              "oracle-phase": lambda: oracle_phase(task, path)}
+    phases = {"centre-phase": lambda: centre_phase(task), "oracle-phase": lambda: oracle_phase(task, path)}
     rows, images = [], {}
     for m in methods:
         variants = [("", task)] + [(f"/{p}", dataclasses.replace(task, phase=phases[p]())) for p in phase_methods
@@ -204,20 +216,19 @@ def main() -> None:
         rows, drawn = [], set()
         for accel in (float(a) for a in args.accels.split(",")):
             for i, (name, path) in enumerate(cases):
-                family = name.rstrip("0123456789")  # one figure per family and acceleration
+                # one figure per family and acceleration
                 rows += run_case(prior, name, path, accel, i, methods, phase_methods, args.steps,
-                                 with_figure=(family, accel) not in drawn)
-                drawn.add((family, accel))
+                                 with_figure=(_family(name), accel) not in drawn)
+                drawn.add((_family(name), accel))
     write_table(args.name, summarise(rows) + rows, {"machine": machine(), "steps": args.steps, "cases":
                 [c[0] for c in cases], "mask": "random1d, 8 % centre", "scored": "input grid vs fully-sampled"})
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean PSNR/SSIM/seconds per (case family, accel, method): the family is the case name without its index."""
+    """Mean set-up seconds, PSNR, SSIM and seconds per (case family, accel, method)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        fam = r["case"].rstrip("0123456789")
-        groups.setdefault((fam, r["accel"], r["method"]), []).append(r)
+        groups.setdefault((_family(r["case"]), r["accel"], r["method"]), []).append(r)
     return [{"case": f"{fam} (mean of {len(g)})", "grid": g[0]["grid"] if len({x['grid'] for x in g}) == 1 else "mixed",
              "coils": g[0]["coils"], "accel": acc, "method": m,
              **{k: float(np.mean([x[k] for x in g])) for k in ("prepare_s", "PSNR", "SSIM", "seconds")},

@@ -1,5 +1,6 @@
 """The image phase of measured MRI data: a Gaussian prior with closed-form posterior behind complex
-data whose phase is not smooth (jumps between blocks plus per-pixel scatter), as real MR phase is not.
+data whose phase is not smooth (independent phases in blocks, with jumps between them), as real MR
+phase is not.
 
 The solvers reconstruct a real magnitude through a fixed phase (``recon.mri.data_phase``). If that
 phase is wrong the posterior is that of the wrong model; the closed form with the true phase is the

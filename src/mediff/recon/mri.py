@@ -36,7 +36,8 @@ from mediff import baselines, io
 from mediff.errors import MediffError
 from mediff.physics.masks import make_mask
 from mediff.physics.mri import MagnitudeMRI, MultiCoilMRI, SingleCoilMRI, check_kspace, estimate_coil_maps, \
-    estimate_noise_sigma, ifft2c, lowres_phase, rss, sense_residual_sigma, simulate_coil_maps, simulate_kspace
+    estimate_noise_sigma, ifft2c, lowres_phase, rss, sense_residual_sigma, simulate_coil_maps, simulate_kspace, \
+    unit_phase
 from mediff.physics.operators import CenterCrop, LinearOperator, PhaseModulated
 from mediff.recon import policy
 from mediff.recon.grid import fit_to_grid, pick_slice
@@ -177,9 +178,8 @@ def data_phase(op: LinearOperator, y: Tensor) -> Tensor:
     phase is blurred along the undersampled direction, while TV fits every acquired line and, acting
     on the complex image, keeps phase edges. benchmarks/mri_real.py compares the two against the
     fully-sampled (oracle) phase."""
-    c = baselines.tv_reconstruct(op, y, policy.BASELINE_LAMBDA["mri"]["tv"], iters=policy.BASELINE_ITERS["mri"])
-    mag = c.abs()
-    return torch.where(mag > 0, c / mag.clamp_min(torch.finfo(mag.dtype).tiny), torch.ones_like(c))
+    return unit_phase(baselines.tv_reconstruct(op, y, policy.BASELINE_LAMBDA["mri"]["tv"],
+                                               iters=policy.BASELINE_ITERS["mri"]))
 
 
 def _support(op: LinearOperator) -> Tensor | None:
@@ -278,8 +278,7 @@ def _prepare_kspace(path: Path, fmt: str, options: MRIOptions, seed: int, slice_
         crop = CenterCrop((ph, pw), (h, w))
         op = op @ crop
         support = None if support is None else crop.AH(support)
-        phase = crop.AH(phase)
-        phase = torch.where(phase.abs() > 0, phase, torch.ones_like(phase))
+        phase = unit_phase(crop.AH(phase))  # 1 on the padding
         if ref is not None:
             ref = crop.AH(ref)
         notes.append(f"image grid {h}x{w} padded to {ph}x{pw} for the network; A crops it back")

@@ -19,6 +19,13 @@ from mediff.physics.operators import conjugate_gradient
 
 
 
+def unit_phase(c: Tensor, floor: Tensor | float = 0.0) -> Tensor:
+    """c / |c| for a complex image c, and 1 where |c| <= ``floor`` (broadcastable to c): a phase is
+    only defined where there is signal, and 1 leaves a magnitude there unchanged."""
+    mag = c.abs()
+    return torch.where(mag > floor, c / mag.clamp_min(torch.finfo(mag.dtype).tiny), torch.ones_like(c))
+
+
 def lowres_phase(kspace: Tensor, op_or_mask: object, calib: int | Sequence[int] = 24) -> Tensor:
     """Unit-modulus phase (B, 1, H, W) of a low-resolution image from the windowed k-space centre.
 
@@ -39,9 +46,7 @@ def lowres_phase(kspace: Tensor, op_or_mask: object, calib: int | Sequence[int] 
         raise MediffError(f"k-space has {y.shape[1]} coils but the operator expects {op.n_coils} (multi-coil needs MultiCoilMRI)")
     win = hann_calib_window(y.shape[-2:], calib, device=y.device, dtype=y.real.dtype)
     low = op.AH(y * win)
-    mag = low.abs()
-    eps = 1e-6 * mag.flatten(1).amax(1).view(-1, 1, 1, 1)
-    return torch.where(mag > eps, low / mag.clamp_min(torch.finfo(mag.dtype).tiny), torch.ones_like(low))
+    return unit_phase(low, 1e-6 * low.abs().flatten(1).amax(1).view(-1, 1, 1, 1))
 
 
 # Normal consistency constant: std = MAD / Phi^-1(3/4) for Gaussian samples.
