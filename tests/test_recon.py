@@ -421,6 +421,27 @@ def test_fastmri_multicoil_hdf5_estimates_noise_end_to_end(prior: Path, tmp_path
     assert "ignored_options" not in task.info and not any("ignored" in n for n in task.notes)
 
 
+def test_kspace_off_the_network_grid_is_padded_and_cropped_back(prior: Path, tmp_path: Path) -> None:
+    """k-space whose grid the network cannot take (30 x 26) is solved on the padded 32 x 32 grid and
+    written back on the scan's 30 x 26 grid."""
+    import h5py
+
+    from mediff.physics.mri import fft2c, simulate_coil_maps
+
+    img = phantom()[1:31, 3:29].astype(np.complex64)
+    k = fft2c(simulate_coil_maps(img.shape, 4, seed=1)[None] * torch.from_numpy(img)[None, None])[0]
+    path = tmp_path / "odd.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("kspace", data=k.numpy())
+    out = tmp_path / "o"
+    code, _, err = recon(prior, path, out, "--solver", "dds", "--steps", 3, "--accel", 2, "--center-fraction", 0.25,
+                         "--compare", "zero-filled")
+    assert code == 0, err
+    rec, _ = read_nifti(out / "recon.nii.gz")
+    assert rec.shape == (30, 26)
+    assert "padded to 32x32" in " ".join(metrics_of(out)["notes"])
+
+
 def _single_coil_npz(path: Path, mask: np.ndarray, undersample: bool) -> np.ndarray:
     from mediff.physics.mri import fft2c
 

@@ -76,7 +76,9 @@ class MRITask(Task):
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.y.shape[-2:])
+        # The phase lives on the image grid the solvers see: the scan's grid padded to a multiple of
+        # GRID_MULTIPLE, which k-space's own shape is not.
+        return tuple(self.phase.shape[-2:])
 
     @property
     def summary(self) -> str:
