@@ -40,8 +40,8 @@ class EmbeddingConfig:
 
     size: int = 64
     dim: int = 128
-    width: int = 32
-    epochs: int = 20
+    width: int = 16
+    epochs: int = 15
     batch: int = 256
     lr: float = 1e-3
     temperature: float = 0.1
@@ -157,6 +157,14 @@ def save_embedding(path: Path, encoder: Encoder, info: dict | None = None) -> No
     """Write the encoder (safetensors, fp32) with its config and ``info`` (what it was trained on)."""
     save_checkpoint(Path(path), encoder.state_dict(), {"kind": KIND, "config": asdict(encoder.cfg),
                                                        "info": info or {}})
+
+
+def shipped_embedding(prior: str) -> Path | None:
+    """The embedding shipped for built-in prior ``prior`` (trained on its training subjects), if any."""
+    from importlib import resources
+
+    path = Path(str(resources.files("mediff") / "weights" / "embeddings" / f"{prior}.safetensors"))
+    return path if path.is_file() else None
 
 
 def load_embedding(path: Path) -> tuple[Encoder, dict]:

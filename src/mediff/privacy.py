@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from mediff.data import SliceSet, load_slices
-from mediff.embedding import EmbeddingConfig, Encoder, load_embedding, save_embedding, train_embedding
+from mediff.embedding import (EmbeddingConfig, Encoder, load_embedding, save_embedding, shipped_embedding,
+                              train_embedding)
 from mediff.errors import MediffError
 from mediff.prior_meta import PriorMeta
 
@@ -62,12 +63,19 @@ def fit_embedding(images: Tensor, cfg: EmbeddingConfig, seed: int, out: Path | N
     return enc
 
 
-def embedding_for(path: Path | None, images: Tensor, cfg: EmbeddingConfig, seed: int, out: Path,
-                  info: dict) -> tuple[Encoder, dict]:
-    """The embedding at ``path`` if given (its training record), else one trained on ``images`` and
-    written to ``out`` so the audit can be repeated on the same feature space."""
-    if path is not None:
-        return load_embedding(path)
+def embedding_for(choice: str | None, prior: str, images: Tensor, fingerprint: str, cfg: EmbeddingConfig,
+                  seed: int, out: Path, info: dict) -> tuple[Encoder, dict]:
+    """The audit's embedding and its training record. ``choice``: a saved embedding's path; "train" to
+    train one on ``images``; None for the one shipped with built-in prior ``prior`` when it was trained
+    on the same data (``fingerprint``), else a new one. A trained embedding is written to ``out`` so
+    the audit can be repeated on the same feature space."""
+    if choice not in (None, "train"):
+        return load_embedding(Path(choice))
+    shipped = shipped_embedding(prior) if choice is None else None
+    if shipped is not None:
+        enc, known = load_embedding(shipped)
+        if known.get("data_fingerprint") == fingerprint:
+            return enc, {**known, "shipped": True}
     return fit_embedding(images, cfg, seed, out, info), info
 
 

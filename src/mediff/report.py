@@ -31,7 +31,9 @@ __all__ = [
     "HIGHER_IS_BETTER",
     "LOWER_IS_BETTER",
     "KINDS",
+    "Chart",
     "Panel",
+    "histogram_chart",
     "render_panel",
     "save_png",
     "write_report",
@@ -114,11 +116,50 @@ def render_panel(panel: Panel) -> bytes:
     if colorbar:
         cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
         cb.ax.tick_params(labelsize=7)
+    # No "Software" chunk: keeps the PNG deterministic and free of URLs.
+    return _png(fig)
+
+
+@dataclass
+class Chart:
+    """A figure of the report that is not an image: ready PNG bytes (e.g. :func:`histogram_chart`)."""
+
+    title: str
+    png: bytes
+    caption: str = ""
+
+
+def _png(fig: Figure) -> bytes:
     fig.tight_layout(pad=0.3)
     buf = io.BytesIO()
-    # No "Software" chunk: keeps the PNG deterministic and free of URLs.
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
+
+
+def histogram_chart(title: str, series: dict[str, np.ndarray], xlabel: str, threshold: float | None = None,
+                    caption: str = "", bins: int = 40) -> Chart:
+    """Overlaid density histograms of named 1D ``series`` on shared bins, with an optional vertical
+    ``threshold`` line (e.g. the audit's tau)."""
+    values = [np.asarray(v, dtype=float).ravel() for v in series.values()]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values] + [np.zeros(0)])
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if threshold is not None:
+        lo, hi = min(lo, threshold), max(hi, threshold)
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+    fig = Figure(figsize=(5.0, 3.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    greys = ["0.15", "0.55", "0.8", "0.35"]
+    for k, (name, v) in enumerate(zip(series, values)):
+        ax.hist(v[np.isfinite(v)], bins=edges, density=True, histtype="step" if k else "stepfilled",
+                color=greys[k % len(greys)], linewidth=1.5, label=f"{name} (n={v.size})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.3f}")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    return Chart(title, _png(fig), caption)
 
 
 def save_png(path: Path, panel: Panel) -> Path:
@@ -233,8 +274,9 @@ table.meta td:first-child { font-weight: 600; }
 """
 
 
-def _panel_html(panel: Panel) -> str:
-    b64 = base64.b64encode(render_panel(panel)).decode("ascii")
+def _panel_html(panel: Panel | Chart) -> str:
+    png = panel.png if isinstance(panel, Chart) else render_panel(panel)
+    b64 = base64.b64encode(png).decode("ascii")
     title = html.escape(panel.title)
     caption = f'<span class="caption">{html.escape(panel.caption)}</span>' if panel.caption else ""
     return (
@@ -246,7 +288,7 @@ def _panel_html(panel: Panel) -> str:
 def write_report(
     path: Path,
     title: str,
-    panels: list[Panel],
+    panels: list[Panel | Chart],
     metrics: list[dict] | dict | None = None,
     notes: list[str] | None = None,
     meta: dict | None = None,
