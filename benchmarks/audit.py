@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from common import machine, write_table
-from mediff.audit import METHODS, PERTURBATIONS, audit, perturb
-from mediff.embedding import EmbeddingConfig, embed
+from mediff.audit import METHODS, PERTURBATIONS, RULES, audit, perturb
+from mediff.embedding import EmbeddingConfig, embed, load_embedding
 from mediff.prior import load_prior
 from mediff.privacy import fit_embedding, real_sets
 
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--n-planted", type=int, default=200, help="training images planted per perturbation")
     ap.add_argument("--epochs", type=int, default=EmbeddingConfig.epochs)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--embedding", type=Path, help="reuse this embedding if it exists, else train one and save it here")
     ap.add_argument("--name", default="audit_brain_t1")
     args = ap.parse_args()
 
@@ -47,7 +48,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     cfg = replace(EmbeddingConfig(), epochs=args.epochs)
-    enc = fit_embedding(train.images, cfg, args.seed)
+    if args.embedding is not None and args.embedding.exists():
+        enc, _ = load_embedding(args.embedding)
+    else:
+        enc = fit_embedding(train.images, cfg, args.seed, args.embedding)
     train_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(args.seed)
     pick = torch.randperm(train.images.shape[0], generator=gen)[:args.n_planted]
@@ -56,17 +60,19 @@ def main() -> None:
     rows = []
     for method in METHODS:
         feats = (lambda x: embed(enc, x)) if method == "embedding" else (lambda x: x)
-        ref, cal = feats(train.images), feats(calib.images)
-        res = audit(method, ref, cal, feats(novel.images))
-        rows.append({"method": method, "set": "held-out (false alarm)", "n": int(novel.images.shape[0]),
-                     "tau": res.tau, "flagged": float(res.flagged.float().mean())})
-        for kind, images in planted.items():
-            res = audit(method, ref, cal, feats(images))
-            rows.append({"method": method, "set": f"planted {kind}", "n": int(images.shape[0]), "tau": res.tau,
-                         "flagged": float(res.flagged.float().mean()),
-                         "right_source": float((res.nearest == pick).float().mean())})
+        ref, cal, new = feats(train.images), feats(calib.images), feats(novel.images)
+        queried = {k: feats(v) for k, v in planted.items()}
+        for rule in RULES:
+            res = audit(method, ref, cal, new, rule=rule)
+            row = {"method": method, "threshold": rule, "tau": res.tau,
+                   "false_alarm": float(res.flagged.float().mean())}
+            for kind, q in queried.items():
+                res = audit(method, ref, cal, q, rule=rule)
+                row[f"recall_{kind}"] = float(res.flagged.float().mean())
+                row[f"source_{kind}"] = float((res.nearest == pick).float().mean())
+            rows.append(row)
     write_table(args.name, rows, {"model": args.model, "data": str(args.data), "n_train": int(train.images.shape[0]),
-                                  "n_calibration": int(calib.images.shape[0]), "n_novel": int(novel.images.shape[0]),
+                                  "n_calibration": int(calib.images.shape[0]), "n_novel": int(novel.images.shape[0]), "n_planted": args.n_planted,
                                   "embedding": cfg.__dict__, "embedding_train_s": round(train_s, 1), "seed": args.seed,
                                   **machine()})
 

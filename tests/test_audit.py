@@ -42,15 +42,27 @@ def test_nearest_finds_the_copy_and_carlini_ratio_is_largest_for_it() -> None:
     assert bool((s_new < -0.5).all())  # a new image is about as far from its nearest as from the next ones
 
 
+@pytest.mark.parametrize("rule", A.RULES)
 @pytest.mark.parametrize("method", ["ncc", "carlini"])
-def test_audit_flags_planted_copies_and_sets_dar_threshold(method: str) -> None:
+def test_audit_flags_planted_copies_and_sets_its_threshold(method: str, rule: str) -> None:
     train, held, new = _images(200, 0), _images(100, 1), _images(50, 2)
     synthetic = torch.cat([train[:10] + 0.01 * _images(10, 3), new])
-    res = A.audit(method, train, held, synthetic, quantile=0.95)
-    null, _ = A.score(method, train, held)
+    res = A.audit(method, train, held, synthetic, quantile=0.95, rule=rule)
+    null, _ = A.score(method, held, train) if rule == "heldout" else A.score(method, train, held)
     assert res.tau == pytest.approx(float(torch.quantile(null.double(), 0.95)))
     assert res.flagged[:10].all() and res.nearest[:10].tolist() == list(range(10))
     assert float(res.flagged[10:].float().mean()) <= 0.2
+
+
+def test_heldout_threshold_keeps_false_alarms_at_the_quantile_where_dars_rule_does_not() -> None:
+    """With far more training than held-out images, a new image's best match among the training set
+    beats a training image's best match among the few held-out ones: Dar et al.'s rule then flags
+    many genuinely new images; scoring held-out images against the training set does not."""
+    train, held = _images(600, 0), _images(80, 1)
+    groups = np.repeat(np.arange(8), 10)
+    fa = {rule: A.cross_validated_false_alarm("ncc", train, held, groups, 0.95, rule) for rule in A.RULES}
+    assert fa["heldout"] <= 0.15 and fa["dar"] >= 0.3, fa
+    assert np.isnan(A.cross_validated_false_alarm("ncc", train, held, np.zeros(80), 0.95))
 
 
 def test_audit_rejects_bad_input() -> None:

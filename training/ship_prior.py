@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from mediff.prior import attach_guide  # noqa: E402
 from mediff.prior_meta import PriorMeta, read_prior_file  # noqa: E402
 from mediff.train import compact_checkpoint  # noqa: E402
+from ship_audit import audit_lines  # noqa: E402 - training/ is on sys.path when this script runs
 
 CARDS = {
     "brain-t1": {
@@ -196,6 +197,7 @@ def main(run: Path, name: str, guide: str | None, guide_weight: float) -> None:
     lines += benchmark_lines(name, run, meta)
     if meta.guide is not None:
         lines += guide_lines(meta)
+    lines += audit_lines(name, meta)
     lines += ["## Intended use and limits", card["use"]]
     (weights / f"{name}.md").write_text("\n".join(lines) + "\n")
     print(f"shipped {name}: step {meta.step}, {size_mb:.1f} MB; resumable state {compact} "

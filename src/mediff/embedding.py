@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mediff.checkpoint import load_checkpoint, save_checkpoint
+from mediff.checkpoint import load_checkpoint, save_checkpoint, to_dtype
 from mediff.errors import MediffError
 
 KIND = "mediff-embedding"
@@ -153,10 +153,11 @@ def embed(encoder: Encoder, images: Tensor, batch: int = 512) -> Tensor:
     return torch.cat(out).float() if out else torch.zeros(0, encoder.cfg.dim)
 
 
-def save_embedding(path: Path, encoder: Encoder, info: dict | None = None) -> None:
-    """Write the encoder (safetensors, fp32) with its config and ``info`` (what it was trained on)."""
-    save_checkpoint(Path(path), encoder.state_dict(), {"kind": KIND, "config": asdict(encoder.cfg),
-                                                       "info": info or {}})
+def save_embedding(path: Path, encoder: Encoder, info: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
+    """Write the encoder's weights (safetensors, in ``dtype``: fp16 to ship) with its config and ``info``
+    (what it was trained on); loading casts back to fp32."""
+    save_checkpoint(Path(path), to_dtype(encoder.state_dict(), dtype), {"kind": KIND, "config": asdict(encoder.cfg),
+                                                                         "info": info or {}})
 
 
 def shipped_embedding(prior: str) -> Path | None:

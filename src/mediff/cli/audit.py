@@ -33,7 +33,9 @@ def audit(
                                             "default: the one shipped with a built-in prior when --train is its "
                                             "training data, else a new one trained on the training images."),
     epochs: int = typer.Option(15, help="Epochs of embedding training."),
-    quantile: float = typer.Option(0.95, help="Threshold quantile of the training-vs-held-out correlations."),
+    quantile: float = typer.Option(0.95, help="Threshold: this quantile of the real scores of --threshold."),
+    threshold: str = typer.Option("heldout", help="heldout: held-out images scored against the training set (like "
+                                  "the synthetic ones) | dar: training images against the held-out set (Dar et al.)."),
     seed: int = typer.Option(0, help="Seed of embedding training and sampling."),
     fail_on_copies: bool = typer.Option(False, "--fail-on-copies", help=f"Exit with code {EXIT_COPIES} when "
                                         "any copy is found (to gate an export); the report is written first."),
@@ -45,6 +47,7 @@ def audit(
     from held-out subjects), with pixel-space NCC and Carlini et al.'s nearest-neighbour ratio beside it."""
     from dataclasses import replace
 
+    from mediff.audit import RULES
     from mediff.audit_job import AuditRequest, run_audit
     from mediff.embedding import EmbeddingConfig
     from mediff.prior import load_prior
@@ -57,6 +60,8 @@ def audit(
             raise MediffError(f"{name} not found: {p}")
     if epochs < 1 or n < 1:
         raise MediffError("--epochs and --n must be positive")
+    if threshold not in RULES:
+        raise MediffError(f"--threshold takes {' or '.join(RULES)}, got {threshold!r}")
     prior = load_prior(model)
     with output_dir(out, overwrite) as tmp:
         if synthetic is not None:
@@ -66,12 +71,12 @@ def audit(
         if images.shape[0] == 0:
             raise MediffError(f"no synthetic images in {synthetic}")
         req = AuditRequest(meta=prior.meta, model=prior.name, train=train, heldout=heldout, synthetic=images,
-                           embedding=embedding, quantile=quantile, seed=seed,
+                           embedding=embedding, quantile=quantile, rule=threshold, seed=seed,
                            config=replace(EmbeddingConfig(), epochs=epochs), source=source)
         rec = run_audit(req, tmp)
     m = rec["methods"]
     console.print(f"embedding threshold {m['embedding']['tau']:.3f}: {rec['copies']} of {rec['n_synthetic']} synthetic "
-                  f"images flagged (held-out real images above it: {m['embedding']['heldout_flagged_fraction']:.1%}); "
+                  f"images flagged (real images of unseen subjects flagged: {m['embedding']['heldout_false_alarm']:.1%}); "
                   f"pixel NCC {m['ncc']['flagged']}, Carlini ratio {m['carlini']['flagged']}", highlight=False)
     console.print(f"[green]wrote[/] {out}/report.html")
     if fail_on_copies and rec["copies"]:
