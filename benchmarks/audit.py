@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--model", default="brain-t1")
     ap.add_argument("--data", type=Path, default=Path("../shared/data/ixi_t1/ixi_t1_axial_128.npz"))
     ap.add_argument("--n-planted", type=int, default=200, help="training images planted per perturbation")
-    ap.add_argument("--epochs", type=int, default=EmbeddingConfig.epochs)
+    ap.add_argument("--embedding-steps", type=int, default=EmbeddingConfig.steps)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--embedding", type=Path, help="reuse this embedding if it exists, else train one and save it here")
     ap.add_argument("--name", default="audit_brain_t1")
@@ -47,7 +47,7 @@ def main() -> None:
     calib, novel = held.subset(np.flatnonzero(in_a)), held.subset(np.flatnonzero(~in_a))
 
     t0 = time.perf_counter()
-    cfg = replace(EmbeddingConfig(), epochs=args.epochs)
+    cfg = replace(EmbeddingConfig(), steps=args.embedding_steps)
     if args.embedding is not None and args.embedding.exists():
         enc, _ = load_embedding(args.embedding)
     else:

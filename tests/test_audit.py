@@ -14,7 +14,7 @@ from mediff.embedding import (EmbeddingConfig, augment, embed, load_embedding, n
                               train_embedding)
 from mediff.errors import MediffError
 
-TINY = EmbeddingConfig(size=32, width=8, epochs=2, batch=16)
+TINY = EmbeddingConfig(size=32, width=8, steps=4, batch=16)
 
 
 def _images(n: int, seed: int, size: int = 16) -> torch.Tensor:
@@ -145,7 +145,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _audit(prior: Path, data: Path, out: Path, *extra: object) -> tuple[int, str, str]:
-    return run_cli("audit", "--model", prior, "--train", data, "--epochs", 1, "--out", out, *extra)
+    return run_cli("audit", "--model", prior, "--train", data, "--embedding-steps", 2, "--out", out, *extra)
 
 
 def test_cli_audit_flags_copies_of_training_images(tiny: tuple[Path, Path], tmp_path: Path) -> None:

@@ -36,12 +36,14 @@ KIND = "mediff-embedding"
 @dataclass(frozen=True)
 class EmbeddingConfig:
     """size: network input side (px); dim: embedding length; width: channels of the first layer;
-    epochs, batch, lr: NT-Xent training; temperature: of the softmax; rotate_deg / p: augmentations."""
+    steps, batch, lr: NT-Xent training (steps, not epochs, so a set of 60 images trains as long as one
+    of 9000; batches walk through random permutations of the images); temperature: of the softmax;
+    rotate_deg / p: augmentations."""
 
     size: int = 64
     dim: int = 128
     width: int = 16
-    epochs: int = 15
+    steps: int = 500
     batch: int = 256
     lr: float = 1e-3
     temperature: float = 0.1
@@ -125,23 +127,21 @@ def train_embedding(images: Tensor, cfg: EmbeddingConfig = EmbeddingConfig(), se
         enc = Encoder(cfg)
     opt = torch.optim.AdamW(enc.parameters(), lr=cfg.lr, weight_decay=1e-4)
     batch = min(cfg.batch, x.shape[0])
-    per_epoch = x.shape[0] // batch
-    total = cfg.epochs * per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     enc.train()
-    step = 0
-    for _ in range(cfg.epochs):
-        order = torch.randperm(x.shape[0], generator=gen)
-        for k in range(per_epoch):
-            xb = x[order[k * batch:(k + 1) * batch]]
-            loss = nt_xent(enc(augment(xb, cfg, gen)), enc(augment(xb, cfg, gen)), cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if progress is not None:
-                progress(step, total, float(loss.detach()))
+    order, pos = torch.randperm(x.shape[0], generator=gen), 0
+    for step in range(1, cfg.steps + 1):
+        if pos + batch > x.shape[0]:
+            order, pos = torch.randperm(x.shape[0], generator=gen), 0
+        xb = x[order[pos:pos + batch]]
+        pos += batch
+        loss = nt_xent(enc(augment(xb, cfg, gen)), enc(augment(xb, cfg, gen)), cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(step, cfg.steps, float(loss.detach()))
     return enc.eval().requires_grad_(False)
 
 

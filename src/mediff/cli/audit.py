@@ -32,7 +32,7 @@ def audit(
                                             "embedding.safetensors of an earlier audit), or 'train' for a new one; "
                                             "default: the one shipped with a built-in prior when --train is its "
                                             "training data, else a new one trained on the training images."),
-    epochs: int = typer.Option(15, help="Epochs of embedding training."),
+    embedding_steps: int = typer.Option(500, help="Optimiser steps when training the embedding."),
     quantile: float = typer.Option(0.95, help="Threshold: this quantile of the real scores of --threshold."),
     threshold: str = typer.Option("heldout", help="heldout: held-out images scored against the training set (like "
                                   "the synthetic ones) | dar: training images against the held-out set (Dar et al.)."),
@@ -58,8 +58,8 @@ def audit(
     for p, name in ((train, "--train"), (heldout, "--heldout"), (synthetic, "--synthetic"), (emb, "--embedding")):
         if p is not None and not p.exists():
             raise MediffError(f"{name} not found: {p}")
-    if epochs < 1 or n < 1:
-        raise MediffError("--epochs and --n must be positive")
+    if embedding_steps < 1 or n < 1:
+        raise MediffError("--embedding-steps and --n must be positive")
     if threshold not in RULES:
         raise MediffError(f"--threshold takes {' or '.join(RULES)}, got {threshold!r}")
     prior = load_prior(model)
@@ -72,7 +72,7 @@ def audit(
             raise MediffError(f"no synthetic images in {synthetic}")
         req = AuditRequest(meta=prior.meta, model=prior.name, train=train, heldout=heldout, synthetic=images,
                            embedding=embedding, quantile=quantile, rule=threshold, seed=seed,
-                           config=replace(EmbeddingConfig(), epochs=epochs), source=source)
+                           config=replace(EmbeddingConfig(), steps=embedding_steps), source=source)
         rec = run_audit(req, tmp)
     m = rec["methods"]
     console.print(f"embedding threshold {m['embedding']['tau']:.3f}: {rec['copies']} of {rec['n_synthetic']} synthetic "
