@@ -172,34 +172,47 @@ def test_dds_nifti_keeps_grid_affine_and_units(prior: Path, inputs: dict, tmp_pa
     assert metrics_of(out)["nfe"] == 3
 
 
-@pytest.mark.parametrize("layout", ["one-slice", "volume-LPI"])
-def test_nifti_volume_output_is_on_the_input_voxel_grid(prior: Path, tmp_path: Path, layout: str) -> None:
-    """A slice of a NIfTI volume comes back in the input's voxel order and affine (length 1 on the slice
-    axis), so it compares voxel by voxel with the input, whatever the input's orientation."""
+@pytest.mark.parametrize("layout, args, ks", [("one-slice", (), [0]), ("volume-LPI", (), [0, 1, 2]),
+                                               ("volume-LPI", ("--slice", 1), [1]),
+                                               ("volume-LPI", ("--slices", "0:2"), [1, 2])])
+def test_nifti_volume_output_is_on_the_input_voxel_grid(prior: Path, tmp_path: Path, layout: str, args: tuple,
+                                                        ks: list[int]) -> None:
+    """A NIfTI volume comes back in the input's voxel order and affine: all slices by default (the
+    input's shape and affine), a --slice / --slices range as that block of the input's grid (the
+    affine moved to its first voxel), so outputs compare voxel by voxel with the input, whatever its
+    orientation. ``ks``: the input's slice indices (last axis) the output holds, in order."""
     import nibabel as nib
 
     img = phantom()
     if layout == "one-slice":  # a 2D slice saved as a 3D NIfTI, identity orientation (RAS)
-        arr, affine, k = img[:, :, None], np.diag([2.0, 2.0, 2.0, 1.0]), 0
-    else:  # three slices stored L-P-I: the slice axis is the last, flipped
+        arr, affine = img[:, :, None], np.diag([2.0, 2.0, 2.0, 1.0])
+    else:  # three slices stored L-P-I: the slice axis is the last, flipped (axial slice 0 is input slice 2)
         arr = np.stack([0.5 * img, img, 0.7 * img], axis=2)
-        affine, k = np.diag([-2.0, -2.0, -3.0, 1.0]), 1
+        affine = np.diag([-2.0, -2.0, -3.0, 1.0])
         affine[:3, 3] = [30.0, 40.0, 12.0]
     path = tmp_path / "vol.nii.gz"
     nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(path))
     out = tmp_path / "o"
-    code, _, err = recon(prior, path, out, "--solver", "dds", "--steps", 3, "--compare", "zero-filled")
+    code, _, err = recon(prior, path, out, "--solver", "dds", "--steps", 3, "--compare", "zero-filled", *args)
     assert code == 0, err
     for name in ("recon.nii.gz", "zero_filled.nii.gz"):
         rec, rec_aff = read_nifti(out / name)
-        assert rec.shape == (SIZE, SIZE, 1), rec.shape
+        assert rec.shape == (SIZE, SIZE, len(ks)), rec.shape
         want = affine.copy()
-        want[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, k]) + affine[:3, 3]
+        want[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, ks[0]]) + affine[:3, 3]
         np.testing.assert_allclose(rec_aff, want, atol=1e-5)
-        truth, r = arr[:, :, k], rec[:, :, 0]
-        # Of the 8 ways to lay a square slice onto the grid, the input's must fit it best, by a margin.
-        others = [np.abs(np.rot90(v, q) - truth).mean() for v in (r, r.T) for q in range(4)][1:]
-        assert np.abs(r - truth).mean() < 0.8 * min(others), "voxel order differs from the input's"
+        for j, k in enumerate(ks):
+            truth, r = arr[:, :, k], rec[:, :, j]
+            # Of the 8 ways to lay a square slice onto the grid, the input's must fit it best, by a margin.
+            others = [np.abs(np.rot90(v, q) - truth).mean() for v in (r, r.T) for q in range(4)][1:]
+            assert np.abs(r - truth).mean() < 0.8 * min(others), "voxel order differs from the input's"
+    # The slices' order along the slice axis: the zero-filled images (noiseless data, one mask) keep the
+    # input slices' relative brightness (0.5, 1, 0.7 of the phantom).
+    zf = read_nifti(out / "zero_filled.nii.gz")[0].mean(axis=(0, 1))
+    truth = arr[:, :, ks].mean(axis=(0, 1))
+    np.testing.assert_allclose(zf / zf.max(), truth / truth.max(), rtol=0.01)
+    rec = metrics_of(out)
+    assert rec["slices"][1] - rec["slices"][0] == len(ks) and len(rec["per_slice"]) == len(ks)
 
 
 def test_real_mr_dicom_is_resampled_and_back(prior: Path, tmp_path: Path) -> None:

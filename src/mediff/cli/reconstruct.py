@@ -11,7 +11,7 @@ import typer
 from mediff.cli.app import app, console
 from mediff.cli.output import output_dir
 from mediff.errors import MediffError
-from mediff.recon.options import CTOptions, MRIOptions, ReconRequest
+from mediff.recon.options import CTOptions, MRIOptions, ReconRequest, parse_slices
 
 _MRI, _REQ = MRIOptions(), ReconRequest(input=Path())
 
@@ -35,12 +35,17 @@ def reconstruct(
     dose: Optional[float] = typer.Option(None, metavar="I0", help="CT: low dose, I0 photons per detector bin "
                                          "(Poisson noise); for a sinogram file, its I0 (noise model)."),
     steps: int = typer.Option(_REQ.steps, help="Sampler steps."),
-    seed: int = typer.Option(_REQ.seed, help="Seed of mask, noise and sampler."),
+    seed: int = typer.Option(_REQ.seed, help="Seed of mask and noise; a solver run over slices k.. draws its "
+                             "sampler noise from seed + k."),
     samples: int = typer.Option(_REQ.samples, help="Posterior samples (>1 adds a std map and 90% coverage)."),
     noise: float = typer.Option(_MRI.noise, help="MRI: simulated k-space noise std, as a fraction of the image's "
                                 "99.5th percentile."),
     coils: int = typer.Option(_MRI.coils, help="MRI: simulated coils for image input (1 = single-coil)."),
-    slice_index: Optional[int] = typer.Option(None, "--slice", help="Axial slice of a volume (default: middle)."),
+    slices: Optional[str] = typer.Option(None, "--slices", metavar="START:STOP", help="Slices of a volume or "
+                                         "multi-slice k-space file to reconstruct, half-open as in Python (e.g. "
+                                         "40:50, 40:, :10; default: all). The outputs cover only these slices, "
+                                         "their affine moved to the first."),
+    slice_index: Optional[int] = typer.Option(None, "--slice", help="One slice: the same as --slices K:K+1."),
     compare: str = typer.Option("zero-filled,tv", help="Baselines to run beside the solver (comma-separated; "
                                 "CT always adds fbp, the other modality's baselines are skipped)."),
     lam: Optional[float] = typer.Option(None, help="Regularisation weight for tv/l1wavelet (default: tuned value; "
@@ -54,6 +59,11 @@ def reconstruct(
     """Reconstruct an undersampled MRI or sparse-view / limited-angle / low-dose CT scan with a diffusion
     prior; writes recon.nii.gz, metrics.json, report.html.
 
+    A volume (or multi-slice k-space file) is reconstructed slice by slice, all slices by default
+    (--slices picks a range), several slices per solver batch; recon.nii.gz holds them on the input's
+    voxel grid. --dicom writes a DICOM series (for a DICOM series input: each slice with its source
+    slice's geometry, a new SeriesInstanceUID in the source's study).
+
     CT mode when the prior is a CT prior (HU window), --views/--limited-angle/--dose is given, the
     solver is fbp, or the input is CT (sinogram/hu NPZ, DICOM Modality CT). CT outputs are in HU.
     """
@@ -64,8 +74,14 @@ def reconstruct(
         raise MediffError(f"--compare takes baselines ({', '.join(ALL_BASELINES)}), got {', '.join(bad)}")
     if not input.exists():
         raise MediffError(f"input not found: {input}")
+    if slices is not None and slice_index is not None:
+        raise MediffError("give --slice K or --slices START:STOP, not both")
+    if slice_index is not None and slice_index < 0:
+        raise MediffError(f"--slice must be >= 0, got {slice_index}")
+    chosen = parse_slices(slices) if slices is not None else None if slice_index is None else \
+        (slice_index, slice_index + 1)
     req = ReconRequest(input=input, model=model, solver=solver, steps=steps, seed=seed, samples=samples,
-                       slice_index=slice_index, compare=extra, lam=lam, cg_iters=cg_iters, dicom=dicom,
+                       slices=chosen, compare=extra, lam=lam, cg_iters=cg_iters, dicom=dicom,
                        command=" ".join(["mediff", *sys.argv[1:]]),
                        mri=MRIOptions(accel=accel, mask=mask, center_fraction=center_fraction, coils=coils,
                                       noise=noise),
