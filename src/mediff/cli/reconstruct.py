@@ -18,9 +18,11 @@ _MRI, _REQ = MRIOptions(), ReconRequest(input=Path())
 
 @app.command()
 def reconstruct(
-    input: Path = typer.Option(..., "--input", help="Image (NIfTI/DICOM/PNG/NPY/NPZ), fastMRI HDF5, NPZ with "
-                               "kspace+mask, or (CT) NPZ with sinogram+angles_deg+image_size."),
-    out: Path = typer.Option(..., help="Output folder (created atomically)."),
+    input: Path = typer.Option(..., "--input", help="Image or volume (NIfTI/DICOM file or series folder/PNG/NPY/"
+                               "NPZ), fastMRI HDF5, NPZ with kspace+mask, (CT) NPZ with sinogram+angles_deg+"
+                               "image_size, or a folder of such scans (a cohort: one output folder per scan "
+                               "and cohort.json; a folder holding DICOM files is one series, not a cohort)."),
+    out: Path = typer.Option(..., help="Output folder (created atomically; for a cohort, each scan's folder)."),
     model: str = typer.Option(_REQ.model, help="Built-in prior name or checkpoint path."),
     solver: str = typer.Option(_REQ.solver, help="dds | ddnm | dps | mcg | langevin | zero-filled | tv | l1wavelet "
                                "(MRI) | fbp (CT)."),
@@ -62,12 +64,14 @@ def reconstruct(
     A volume (or multi-slice k-space file) is reconstructed slice by slice, all slices by default
     (--slices picks a range), several slices per solver batch; recon.nii.gz holds them on the input's
     voxel grid. --dicom writes a DICOM series (for a DICOM series input: each slice with its source
-    slice's geometry, a new SeriesInstanceUID in the source's study).
+    slice's geometry, a new SeriesInstanceUID in the source's study). Under torchrun the processes
+    split a cohort's scans (RANK / WORLD_SIZE); rank 0 writes cohort.json when all are done.
 
     CT mode when the prior is a CT prior (HU window), --views/--limited-angle/--dose is given, the
     solver is fbp, or the input is CT (sinogram/hu NPZ, DICOM Modality CT). CT outputs are in HU.
     """
     from mediff.recon import ALL_BASELINES, reconstruct as run
+    from mediff.recon.cohort import is_cohort
 
     extra = tuple(c for c in compare.split(",") if c)
     if bad := [c for c in extra if c not in ALL_BASELINES]:
@@ -86,12 +90,31 @@ def reconstruct(
                        mri=MRIOptions(accel=accel, mask=mask, center_fraction=center_fraction, coils=coils,
                                       noise=noise),
                        ct=CTOptions(views=views, limited_angle=limited_angle, dose=dose))
+    if is_cohort(input):
+        _cohort(req, out, overwrite)
+        return
     with output_dir(out, overwrite) as tmp:
         rec = run(req, tmp)
     if rec.get("ignored_options"):
         console.print(f"note: MRI options ignored in CT mode: {', '.join(rec['ignored_options'])}", highlight=False)
     print_metrics(rec["metrics"])
     console.print(f"[green]wrote[/] {out}/report.html")
+
+
+def _cohort(req: ReconRequest, out: Path, overwrite: bool) -> None:
+    """A folder of scans (``recon.cohort``): this process's share, and rank 0's summary."""
+    from mediff.recon import reconstruct as run
+    from mediff.recon.cohort import reconstruct_cohort
+
+    rec = reconstruct_cohort(req, out, overwrite, run)
+    if rec is None:  # not rank 0: rank 0 reports for the cohort
+        return
+    if rec["failed"]:
+        first = next(s for s in rec["scans"] if s["status"] == "error")
+        raise MediffError(f"{rec['failed']} of {len(rec['scans'])} scans failed (first: {first['scan']}: "
+                          f"{first['error']}); all errors in {out}/cohort.json, the other scans in {out}")
+    print_metrics(rec["metrics"])
+    console.print(f"[green]wrote[/] {len(rec['scans'])} scans and {out}/cohort.json", highlight=False)
 
 
 def print_metrics(rows: list[dict]) -> None:

@@ -211,6 +211,13 @@ def _series_files(folder: Path) -> list[Path]:
     return candidates
 
 
+def holds_dicom(folder: PathLike) -> bool:
+    """Whether ``folder`` directly holds DICOM files (by preamble or extension): it is then one series."""
+    p = as_path(folder)
+    return p.is_dir() and any(f.is_file() and not f.name.startswith(".") and (
+        f.suffix.lower() in (".dcm", ".dicom", ".ima") or _has_dicm_preamble(f)) for f in p.iterdir())
+
+
 def first_dicom(path: PathLike) -> Path:
     """A DICOM file itself, or the first DICOM file (by name) of a series folder: whose patient and
     study tags a derived series copies, and whose header tells what the input is."""
