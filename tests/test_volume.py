@@ -149,6 +149,31 @@ def test_kspace_volume_all_slices_and_a_range(prior: Path, tmp_path: Path) -> No
     assert metrics_of(out)["slices"] == [1, 3]
 
 
+def test_fastmri_single_coil_file_is_slices_of_one_coil(prior: Path, tmp_path: Path) -> None:
+    """fastMRI single-coil files (``reconstruction_esc`` beside ``kspace``) hold (slices, H, W): each
+    slice is a single-coil problem; the same array without that target is one slice of 3 coils."""
+    h5py = pytest.importorskip("h5py")
+    from mediff.physics.mri import fft2c
+
+    x = torch.from_numpy(np.stack([phantom() * (1 + s / 4) for s in range(3)]).astype(np.complex64))
+    k = fft2c(x).numpy()
+    for name, esc in (("sc.h5", True), ("mc.h5", False)):
+        with h5py.File(tmp_path / name, "w") as f:
+            f.create_dataset("kspace", data=k)
+            if esc:
+                f.create_dataset("reconstruction_esc", data=np.abs(x.numpy()))
+    code, _, err = recon(prior, tmp_path / "sc.h5", tmp_path / "sc", "--steps", 2, "--accel", 3,
+                         "--center-fraction", 0.25)
+    assert code == 0, err
+    assert read_nifti(tmp_path / "sc" / "recon.nii.gz")[0].shape == (SIZE, SIZE, 3)
+    assert metrics_of(tmp_path / "sc")["problem"]["coils"] == 1
+    code, _, err = recon(prior, tmp_path / "mc.h5", tmp_path / "mc", "--steps", 2, "--accel", 3,
+                         "--center-fraction", 0.25)
+    assert code == 0, err
+    assert read_nifti(tmp_path / "mc" / "recon.nii.gz")[0].shape == (SIZE, SIZE)
+    assert metrics_of(tmp_path / "mc")["problem"]["coils"] == 3
+
+
 def test_nan_in_one_kspace_slice_fails_whole_job_but_not_a_range_without_it(prior: Path, tmp_path: Path) -> None:
     h5py = pytest.importorskip("h5py")
     path = tmp_path / "k.h5"

@@ -152,6 +152,8 @@ def _record(req: ReconRequest, prior, runs: list[SliceRun], source: SliceSource)
     from mediff import __version__
 
     task, res = runs[0].task, runs[0].result
+    # A note every slice has (how data were simulated, the grid) is the job's; the others (a slice's
+    # index, its noise estimate) are the slice's. Notes as dict keys: ``common`` compares entries.
     notes, slice_notes = common([dict.fromkeys(r.task.notes) for r in runs])
     problem, slice_problems = common([r.task.info for r in runs])
     a, b = runs[0].index, runs[-1].index + 1
