@@ -82,9 +82,32 @@ def test_a_batch_of_slices_keeps_each_slice_on_its_own_data(prior: Path) -> None
 
     for task, own, other in ((tasks[0], res[0], res[1]), (tasks[1], res[1], res[0])):
         assert misfit(task, own.mean) < 0.5 * misfit(task, other.mean)
-    with pytest.raises(MediffError, match="noise std"):
-        run_batch([tasks[0], simulate_mri(phantom(), MRIOptions(accel=3.0, center_fraction=0.25, noise=0.01))],
-                  "dds", p, steps=2)
+    with pytest.raises(MediffError, match="one grid"):
+        run_batch([tasks[0], simulate_mri(phantom(16), opts)], "dds", p, steps=2)
+
+
+def test_slices_of_different_noise_share_a_run_each_with_its_own_std(prior: Path, monkeypatch) -> None:
+    """Noisy slices batch together: the solver gets one likelihood std per image, each slice's own
+    (``solvers.Problem.noise_sigma`` (B,); test_solvers checks the solver honours it per item)."""
+    from mediff.prior import load_prior
+    from mediff.recon import MRIOptions, simulate_mri
+    from mediff.recon import run as run_module
+
+    seen = []
+
+    def spy(denoiser, problem, *args, **kwargs):
+        seen.append(problem.noise_sigma)
+        return solve(denoiser, problem, *args, **kwargs)
+
+    solve = run_module.solve
+    monkeypatch.setattr(run_module, "solve", spy)
+    opts = MRIOptions(accel=3.0, center_fraction=0.25)
+    tasks = [simulate_mri(phantom(), opts), simulate_mri(phantom(), MRIOptions(**{**opts.__dict__, "noise": 0.2}))]
+    assert tasks[0].noise_sigma == 0 < tasks[1].noise_sigma and run_module.batchable(*tasks)
+    res = run_module.run_batch(tasks, "dds", load_prior(prior), steps=2, samples=2)
+    assert len(res) == 2 and res[0].samples.shape[0] == 2
+    torch.testing.assert_close(seen[0], torch.tensor([0.0, 0.0, tasks[1].noise_sigma, tasks[1].noise_sigma],
+                                                     dtype=torch.float64))
 
 
 # ------------------------------------------------------------------------------------ CLI

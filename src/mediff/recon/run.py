@@ -58,29 +58,32 @@ def run_solver(task: Task, method: str, prior=None, steps: int = 50, seed: int =
 
 
 def batchable(a: Task, b: Task) -> bool:
-    """Whether two tasks can share one solver run (``run_batch``): one working grid, operator family,
-    data shape and likelihood noise std (the solvers take one std per run)."""
-    return (a.shape == b.shape and a.family == b.family and a.noise_sigma == b.noise_sigma
-            and a.data()[1].shape == b.data()[1].shape)
+    """Whether two tasks can share one solver run (``run_batch``): one working grid, operator family
+    (one CG count) and data shape; each keeps its own noise std."""
+    return a.shape == b.shape and a.family == b.family and a.data()[1].shape == b.data()[1].shape
 
 
 def run_batch(tasks: list[Task], method: str, prior, steps: int = 50, seed: int = 0, samples: int = 1,
               progress: Callable | None = None, cg_iters: int | None = None) -> list[ReconResult]:
     """Diffusion solver ``method`` on several ``batchable`` tasks in one run (the slices of a volume):
     the network denoises all of them, ``samples`` each, as one batch of len(tasks) * samples images,
-    each task's data through its own operator (``Stacked``). One generator from ``seed`` draws the
-    run's noise. Returns one result per task; seconds are the run's wall time shared equally."""
+    each task's data through its own operator (``Stacked``) and with its own noise std. One generator
+    from ``seed`` draws the run's noise. Returns one result per task; seconds are the run's wall time
+    shared equally."""
     if prior is None:
         raise MediffError(f"solver {method} needs a prior (--model)")
     t0 = time.perf_counter()
     first = tasks[0]
     if not all(batchable(first, t) for t in tasks[1:]):
-        raise MediffError("run_batch needs tasks of one grid, data shape and noise std")
+        raise MediffError("run_batch needs tasks of one grid, operator family and data shape")
     ys = [t.data()[1] for t in tasks]
     op = first.solver_operator() if len(tasks) == 1 else Stacked([t.solver_operator() for t in tasks], samples)
     y = torch.cat([v.expand(samples, *v.shape[1:]) for v in ys])
+    sigmas = {t.noise_sigma for t in tasks}
+    noise = first.noise_sigma if len(sigmas) == 1 else \
+        torch.tensor([t.noise_sigma for t in tasks], dtype=torch.float64).repeat_interleave(samples)
     gen = torch.Generator().manual_seed(seed)
-    x, n = solve(prior, Problem(op, y, first.noise_sigma), (len(tasks) * samples, 1, *first.shape), method,
+    x, n = solve(prior, Problem(op, y, noise), (len(tasks) * samples, 1, *first.shape), method,
                  steps=steps, sigma_data=prior.meta.sigma_data, sigma_min=prior.sigma_min,
                  sigma_max=prior.sigma_max, generator=gen, callback=progress,
                  cg_iters=policy.cg_iters(first.family, method) if cg_iters is None else cg_iters)
