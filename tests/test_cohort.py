@@ -50,6 +50,11 @@ def test_cohort_one_folder_per_scan_and_summary(prior: Path, tmp_path: Path) -> 
     assert dds["method"] == "dds" and dds["scans"] == 3 and dds["PSNR"] == pytest.approx(np.mean(per_scan))
     code, _, err = recon(prior, scans, out, "--steps", 2)
     assert_one_line_error(code, err, "exists", "--overwrite")
+    (out / "stale").mkdir()
+    code, _, err = recon(prior, scans, out, "--steps", 2, "--slices", "1:", "--overwrite")
+    assert code == 0, err
+    assert {p.name for p in out.iterdir()} == {"a", "b", "c_series", "cohort.json"}, "--overwrite replaces the cohort"
+    assert all(s["slices"] == [1, 2] for s in json.loads((out / "cohort.json").read_text())["scans"])
 
 
 def test_a_failing_scan_is_listed_and_the_others_are_written(prior: Path, tmp_path: Path) -> None:
