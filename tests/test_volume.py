@@ -142,6 +142,35 @@ def test_volume_all_slices_with_samples(prior: Path, tmp_path: Path) -> None:
     assert all(f"slice {k}: dds" in html for k in (0, 1, 2))
 
 
+@pytest.mark.parametrize("solver, steps, per_slice", [("dds", 3, 3), ("tv", 3, 1)])
+def test_progress_runs_over_all_slices_and_steps(prior: Path, tmp_path: Path, monkeypatch, solver: str, steps: int,
+                                                 per_slice: int) -> None:
+    """One progress bar for the whole job: its total is slices x steps (a baseline: one step per
+    slice) and the batched runs advance it to exactly that, so its ETA covers the volume."""
+    from contextlib import contextmanager
+
+    import mediff.synthesis
+
+    bars = []
+
+    @contextmanager
+    def counting(total: int, label: str):
+        bars.append({"total": total, "label": label, "done": 0})
+
+        def advance(i, x, d, advance=1):
+            bars[-1]["done"] += advance
+
+        yield advance
+
+    monkeypatch.setattr(mediff.synthesis, "progress_callback", counting)
+    path = tmp_path / "v.nii.gz"
+    _volume(path, scales=(1.0, 0.9, 0.8, 0.7, 0.6))
+    code, _, err = recon(prior, path, tmp_path / "o", "--solver", solver, "--steps", steps, "--slices", "1:",
+                         "--samples", 1, "--compare", "zero-filled")
+    assert code == 0, err
+    assert bars == [{"total": 4 * per_slice, "label": f"{solver}, 4 of 5 axial slices", "done": 4 * per_slice}]
+
+
 def test_kspace_volume_all_slices_and_a_range(prior: Path, tmp_path: Path) -> None:
     """A multi-slice multi-coil HDF5 file: every slice reconstructed (each with its own coil maps and
     noise estimate), written as (H, W, slices); --slices picks a block whose affine starts at it."""

@@ -22,7 +22,8 @@ def reconstruct(
                                "NPZ), fastMRI HDF5, NPZ with kspace+mask, (CT) NPZ with sinogram+angles_deg+"
                                "image_size, or a folder of such scans (a cohort: one output folder per scan "
                                "and cohort.json; a folder holding DICOM files is one series, not a cohort)."),
-    out: Path = typer.Option(..., help="Output folder (created atomically; for a cohort, each scan's folder)."),
+    out: Path = typer.Option(..., help="Output folder (created atomically; for a cohort, the folder of "
+                              "one folder per scan, each created atomically)."),
     model: str = typer.Option(_REQ.model, help="Built-in prior name or checkpoint path."),
     solver: str = typer.Option(_REQ.solver, help="dds | ddnm | dps | mcg | langevin | zero-filled | tv | l1wavelet "
                                "(MRI) | fbp (CT)."),
