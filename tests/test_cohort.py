@@ -89,6 +89,14 @@ def test_a_dicom_series_folder_is_one_scan_not_a_cohort(prior: Path, tmp_path: P
     assert (out / "recon.nii.gz").is_file() and not (out / "cohort.json").exists()
 
 
+def test_one_scan_under_several_processes_is_refused(prior: Path, tmp_path: Path, monkeypatch) -> None:
+    scans = _cohort(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = recon(prior, scans / "a.nii.gz", tmp_path / "out", "--steps", 2)
+    assert_one_line_error(code, err, "processes", "one scan")
+    assert not (tmp_path / "out").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

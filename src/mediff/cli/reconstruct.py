@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -94,6 +95,8 @@ def reconstruct(
     if is_cohort(input):
         _cohort(req, out, overwrite)
         return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would write the same output folder
+        raise MediffError("several processes (torchrun) split the scans of a folder; run one scan in one process")
     with output_dir(out, overwrite) as tmp:
         rec = run(req, tmp)
     if rec.get("ignored_options"):
