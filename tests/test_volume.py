@@ -200,6 +200,12 @@ def test_kspace_volume_all_slices_and_a_range(prior: Path, tmp_path: Path) -> No
     assert r.shape == (SIZE, SIZE, 2)
     np.testing.assert_allclose(aff[:3, 3], [0.0, 0.0, 1.0])
     assert metrics_of(out)["slices"] == [1, 3]
+    out = tmp_path / "one"
+    code, _, err = recon(prior, path, out, "--steps", 2, "--accel", 3, "--center-fraction", 0.25, "--slice", 2)
+    assert code == 0, err
+    r, aff = read_nifti(out / "recon.nii.gz")
+    assert r.shape == (SIZE, SIZE)  # one slice of a file without a voxel grid: 2D, placed at its slice
+    np.testing.assert_allclose(aff[:3, 3], [0.0, 0.0, 2.0])
 
 
 def test_fastmri_single_coil_file_is_slices_of_one_coil(prior: Path, tmp_path: Path) -> None:

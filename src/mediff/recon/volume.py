@@ -71,17 +71,18 @@ def stack(runs: list[SliceRun], image: Callable[[SliceRun], Tensor], shift: bool
     """The images ``image(run)`` (1, 1, H, W), normalised, of consecutive slices as one array in input
     units and its 4x4 affine: on the input's voxel grid (the chosen slices only, the affine moved to
     the first of them). Inputs without a voxel grid of their own (k-space files, numpy stacks): one
-    slice as (H, W), several as (H, W, slices), the affine's third column stepping through them.
+    slice as (H, W), several as (H, W, slices), the affine's third column stepping through them from
+    the first chosen slice.
     ``shift=False`` for differences such as a posterior std (``Task.input_units``)."""
     first = runs[0].task
-    if len(runs) == 1:
+    if first.grid is not None and len(runs) == 1:
         return first.on_input_grid(image(runs[0]), shift)
     slices = [r.task.input_units(image(r), shift) for r in runs]
     if first.grid is not None:
         return stack_on_input_grid([r.task.grid for r in runs], slices)
     affine = np.array(first.affine, dtype=np.float64)
     affine[:3, 3] += runs[0].index * affine[:3, 2]
-    return np.stack(slices, axis=-1), affine
+    return (slices[0] if len(slices) == 1 else np.stack(slices, axis=-1)), affine
 
 
 def dicom_stack(runs: list[SliceRun], image: Callable[[SliceRun], Tensor]) -> tuple[np.ndarray, np.ndarray]:
