@@ -89,10 +89,12 @@ def dicom_stack(runs: list[SliceRun], image: Callable[[SliceRun], Tensor]) -> tu
     """(rows, cols, slices) in input units and the affine of a DICOM series of the images. When the
     slices lie along the input's last voxel axis (a DICOM series, an axial NIfTI), the input's own
     grid: each written slice has the geometry of the source slice (position, orientation, spacing).
-    Otherwise the slices as reconstructed, each with its world geometry."""
+    Inputs without a voxel grid: as ``stack`` places them. Otherwise the slices as reconstructed,
+    each with its world geometry."""
     first = runs[0].task
-    if first.grid is not None and first.grid.input_axis == 2:
-        return stack(runs, image)
+    if first.grid is None or first.grid.input_axis == 2:
+        volume, affine = stack(runs, image)
+        return np.atleast_3d(volume), affine
     affine = np.array(first.affine, dtype=np.float64)  # the first slice's: its third column steps to the next
     return np.stack([r.task.input_units(image(r)) for r in runs], axis=-1), affine
 
