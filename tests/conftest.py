@@ -45,3 +45,23 @@ def ct_dir(shared_data: Path) -> Path:
     if not (d / "ct_hu_512.npz").is_file():
         pytest.skip(f"CT data not found at {d}")
     return d
+
+
+@pytest.fixture(scope="session")
+def prior(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny prior trained in-process for 2 steps on blob images (3 subjects, 1 held out)."""
+    from cli_helpers import SIZE, blob_slices
+    import numpy as np
+
+    from mediff.nets import UNetConfig
+    from mediff.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("recon_prior")
+    imgs, subj = blob_slices(SIZE, subjects=3, per_subject=2)
+    np.savez(root / "d.npz", images=imgs.astype(np.float32), subject_index=subj)
+    cfg = TrainConfig(size=SIZE, steps=2, batch=4, checkpoint_every=2, val_every=2, n_val_subjects=1,
+                      net=UNetConfig(channels=(8, 16), blocks=(1, 1), attention_levels=(1,)).to_dict())
+    train(root / "d.npz", root / "run", cfg, progress=False)
+    path = root / "run" / "prior.safetensors"
+    assert path.is_file()
+    return path

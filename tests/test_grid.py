@@ -61,3 +61,25 @@ def test_single_slice_volume_keeps_shape_and_affine() -> None:
     assert note is None
     np.testing.assert_array_equal(grid.place(sl), arr)
     np.testing.assert_allclose(grid.affine, img.affine)
+
+
+@pytest.mark.parametrize("ornt", list(_orientations()), ids=lambda o: "".join(f"{int(a)}{'+' if f > 0 else '-'}"
+                                                                                for a, f in o))
+def test_slices_stack_back_into_the_input_volume(ornt: np.ndarray) -> None:
+    """All slices picked from a volume stack back into the input itself (voxel order and affine), and
+    a range of them into that block of the input's grid, in any of the 48 orientations."""
+    from mediff.recon.grid import slice_count, stack_on_input_grid
+
+    canonical = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
+    img = _as_input(canonical, ornt)
+    n = slice_count(img)
+    picked = [pick_slice(img, k) for k in range(n)]
+    assert n == img.array.shape[picked[0][3].input_axis]
+    arr, affine = stack_on_input_grid([p[3] for p in picked], [p[0] for p in picked])
+    np.testing.assert_array_equal(arr, img.array)
+    np.testing.assert_allclose(affine, img.affine, atol=1e-9)
+    block, block_aff = stack_on_input_grid([p[3] for p in picked[1:3]], [p[0] for p in picked[1:3]])
+    ax = picked[1][3].input_axis
+    lo = min(p[3].input_index for p in picked[1:3])
+    np.testing.assert_array_equal(block, np.take(img.array, [lo, lo + 1], axis=ax))
+    np.testing.assert_allclose(block_aff[:3, 3], (img.affine @ np.eye(4)[:, ax] * lo + img.affine[:, 3])[:3])

@@ -1,6 +1,6 @@
 """End-to-end tests of ``mediff reconstruct`` (MRI) on tiny data.
 
-A tiny prior (32 px, 2-level UNet, 2 training steps) is trained in-process once per module; its
+A tiny prior (32 px, 2-level UNet, 2 training steps) is trained in-process once per session (conftest); its
 reconstructions are noise, so these tests check the plumbing: files, shapes, units, metrics, notes,
 every solver and baseline, every input kind, and the one-line errors. Where an output is known in
 closed form (the zero-filled image of a noiseless single-coil simulation) it is checked exactly.
@@ -8,15 +8,13 @@ closed form (the zero-filled image of a noiseless single-coil simulation) it is 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import assert_one_line_error, blob_slices, run_cli
+from cli_helpers import SIZE, assert_one_line_error, metrics_of, multicoil_h5, phantom, read_nifti, recon, run_cli
 import torch
 
-SIZE = 32
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -24,31 +22,10 @@ SIZE = 32
 
 
 
-def phantom(size: int = SIZE, peak: float = 800.0) -> np.ndarray:
-    """A head-like phantom in MR-ish units: zero background, an ellipse and two brighter blobs."""
-    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
-    s = size / 32
-    img = np.where((yy / (11 * s)) ** 2 + (xx / (13 * s)) ** 2 < 1, 0.5 * peak, 0.0)
-    img[((yy - 3 * s) / (4 * s)) ** 2 + ((xx + 4 * s) / (3 * s)) ** 2 < 1] = peak
-    img[((yy + 4 * s) / (2 * s)) ** 2 + ((xx - 5 * s) / (3 * s)) ** 2 < 1] = 0.25 * peak
-    return img.astype(np.float32)
-
-
-def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    return np.asarray(img.dataobj, dtype=np.float64), img.affine
-
-
 def png_image(path: Path) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(path), dtype=np.float64)
-
-
-def metrics_of(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
 
 
 def rows_by_method(record: dict) -> dict[str, dict]:
@@ -72,23 +49,6 @@ def no_leftovers(parent: Path, keep: set[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def prior(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny prior trained in-process for 2 steps on blob images (3 subjects, 1 held out)."""
-    from mediff.nets import UNetConfig
-    from mediff.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("recon_prior")
-    imgs, subj = blob_slices(SIZE, subjects=3, per_subject=2)
-    np.savez(root / "d.npz", images=imgs.astype(np.float32), subject_index=subj)
-    cfg = TrainConfig(size=SIZE, steps=2, batch=4, checkpoint_every=2, val_every=2, n_val_subjects=1,
-                      net=UNetConfig(channels=(8, 16), blocks=(1, 1), attention_levels=(1,)).to_dict())
-    train(root / "d.npz", root / "run", cfg, progress=False)
-    path = root / "run" / "prior.safetensors"
-    assert path.is_file()
-    return path
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Image inputs: 32x32 phantom as 8-bit PNG and as float NIfTI (with a non-trivial affine)."""
     import nibabel as nib
@@ -101,13 +61,6 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     affine[:3, 3] = [-14.0, -17.0, 5.0]
     nib.save(nib.Nifti1Image(img, affine), str(root / "phantom.nii.gz"))
     return {"png": root / "phantom.png", "nifti": root / "phantom.nii.gz", "root": root}
-
-
-def recon(prior: Path, inp: Path, out: Path, *extra: object) -> tuple[int, str, str]:
-    # On the 32-px test grid the default 8 % centre is 3 columns, below the 4 that calibration needs;
-    # 12.5 % gives 4 (a later --center-fraction in ``extra`` overrides it).
-    return run_cli("reconstruct", "--input", inp, "--out", out, "--model", prior, "--seed", 0,
-                   "--center-fraction", 0.125, *extra)
 
 
 # ----------------------------------------------------------------------------- image inputs, dds
@@ -172,34 +125,47 @@ def test_dds_nifti_keeps_grid_affine_and_units(prior: Path, inputs: dict, tmp_pa
     assert metrics_of(out)["nfe"] == 3
 
 
-@pytest.mark.parametrize("layout", ["one-slice", "volume-LPI"])
-def test_nifti_volume_output_is_on_the_input_voxel_grid(prior: Path, tmp_path: Path, layout: str) -> None:
-    """A slice of a NIfTI volume comes back in the input's voxel order and affine (length 1 on the slice
-    axis), so it compares voxel by voxel with the input, whatever the input's orientation."""
+@pytest.mark.parametrize("layout, args, ks", [("one-slice", (), [0]), ("volume-LPI", (), [0, 1, 2]),
+                                               ("volume-LPI", ("--slice", 1), [1]),
+                                               ("volume-LPI", ("--slices", "0:2"), [1, 2])])
+def test_nifti_volume_output_is_on_the_input_voxel_grid(prior: Path, tmp_path: Path, layout: str, args: tuple,
+                                                        ks: list[int]) -> None:
+    """A NIfTI volume comes back in the input's voxel order and affine: all slices by default (the
+    input's shape and affine), a --slice / --slices range as that block of the input's grid (the
+    affine moved to its first voxel), so outputs compare voxel by voxel with the input, whatever its
+    orientation. ``ks``: the input's slice indices (last axis) the output holds, in order."""
     import nibabel as nib
 
     img = phantom()
     if layout == "one-slice":  # a 2D slice saved as a 3D NIfTI, identity orientation (RAS)
-        arr, affine, k = img[:, :, None], np.diag([2.0, 2.0, 2.0, 1.0]), 0
-    else:  # three slices stored L-P-I: the slice axis is the last, flipped
+        arr, affine = img[:, :, None], np.diag([2.0, 2.0, 2.0, 1.0])
+    else:  # three slices stored L-P-I: the slice axis is the last, flipped (axial slice 0 is input slice 2)
         arr = np.stack([0.5 * img, img, 0.7 * img], axis=2)
-        affine, k = np.diag([-2.0, -2.0, -3.0, 1.0]), 1
+        affine = np.diag([-2.0, -2.0, -3.0, 1.0])
         affine[:3, 3] = [30.0, 40.0, 12.0]
     path = tmp_path / "vol.nii.gz"
     nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(path))
     out = tmp_path / "o"
-    code, _, err = recon(prior, path, out, "--solver", "dds", "--steps", 3, "--compare", "zero-filled")
+    code, _, err = recon(prior, path, out, "--solver", "dds", "--steps", 3, "--compare", "zero-filled", *args)
     assert code == 0, err
     for name in ("recon.nii.gz", "zero_filled.nii.gz"):
         rec, rec_aff = read_nifti(out / name)
-        assert rec.shape == (SIZE, SIZE, 1), rec.shape
+        assert rec.shape == (SIZE, SIZE, len(ks)), rec.shape
         want = affine.copy()
-        want[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, k]) + affine[:3, 3]
+        want[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, ks[0]]) + affine[:3, 3]
         np.testing.assert_allclose(rec_aff, want, atol=1e-5)
-        truth, r = arr[:, :, k], rec[:, :, 0]
-        # Of the 8 ways to lay a square slice onto the grid, the input's must fit it best, by a margin.
-        others = [np.abs(np.rot90(v, q) - truth).mean() for v in (r, r.T) for q in range(4)][1:]
-        assert np.abs(r - truth).mean() < 0.8 * min(others), "voxel order differs from the input's"
+        for j, k in enumerate(ks):
+            truth, r = arr[:, :, k], rec[:, :, j]
+            # Of the 8 ways to lay a square slice onto the grid, the input's must fit it best, by a margin.
+            others = [np.abs(np.rot90(v, q) - truth).mean() for v in (r, r.T) for q in range(4)][1:]
+            assert np.abs(r - truth).mean() < 0.8 * min(others), "voxel order differs from the input's"
+    # The slices' order along the slice axis: the zero-filled images (noiseless data, one mask) keep the
+    # input slices' relative brightness (0.5, 1, 0.7 of the phantom).
+    zf = read_nifti(out / "zero_filled.nii.gz")[0].mean(axis=(0, 1))
+    truth = arr[:, :, ks].mean(axis=(0, 1))
+    np.testing.assert_allclose(zf / zf.max(), truth / truth.max(), rtol=0.01)
+    rec = metrics_of(out)
+    assert rec["slices"][1] - rec["slices"][0] == len(ks) and len(rec["per_slice"]) == len(ks)
 
 
 def test_real_mr_dicom_is_resampled_and_back(prior: Path, tmp_path: Path) -> None:
@@ -348,36 +314,6 @@ def test_fastmri_hdf5_retrospective(prior: Path, tmp_path: Path) -> None:
     assert_same_units(zf, phantom())
 
 
-def _multicoil_h5(path: Path, n_slices: int = 2, n_coils: int = 4, sigma: float = 0.0, nan: bool = False) -> np.ndarray:
-    """A tiny fastMRI-style multi-coil file: ``kspace`` (S, C, H, W) complex64, fully sampled, of a
-    smoothed phantom (slice s scaled by 1 + s / 4) with a smooth phase and complex noise of std
-    ``sigma`` per entry; ``reconstruction_rss`` (S, H, W) and fastMRI's attrs. Returns the clean
-    magnitudes (S, H, W)."""
-    import h5py
-    from scipy.ndimage import gaussian_filter
-
-    from mediff.physics.mri import fft2c, ifft2c, rss, simulate_coil_maps
-
-    yy, xx = (np.mgrid[:SIZE, :SIZE] - SIZE / 2) / (SIZE / 2)
-    mags = np.stack([gaussian_filter(phantom(), 1.0) * (1 + s / 4) for s in range(n_slices)])
-    x = torch.from_numpy(mags * np.exp(1j * (0.7 * yy - 0.5 * xx + 0.3 * xx * yy)))[:, None]  # (S, 1, H, W)
-    maps = simulate_coil_maps((SIZE, SIZE), n_coils, seed=1, dtype=torch.complex128)
-    k = fft2c(maps[None] * x)
-    k = k + sigma * torch.randn(k.shape, dtype=k.dtype, generator=torch.Generator().manual_seed(0))
-    k = k.numpy().astype(np.complex64)
-    if nan:
-        k[:, 1, 3, 4] = np.nan  # every slice: only the one reconstructed is checked
-    recon_rss = rss(ifft2c(torch.from_numpy(k))).squeeze(1).numpy().astype(np.float32)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("kspace", data=k)
-        f.create_dataset("reconstruction_rss", data=recon_rss)
-        f.attrs["acquisition"] = "AXT1"
-        f.attrs["max"] = float(np.nan_to_num(recon_rss).max())
-        f.attrs["norm"] = float(np.linalg.norm(np.nan_to_num(recon_rss)))
-        f.attrs["patient_id"] = "tiny"
-    return mags
-
-
 def test_fastmri_multicoil_hdf5_estimates_noise_end_to_end(prior: Path, tmp_path: Path) -> None:
     """Measured multi-coil k-space through the CLI: the noise level comes from the data (not --noise),
     reaches the solver as Task.noise_sigma and is reported in metrics.json; --noise / --coils, which only
@@ -388,7 +324,7 @@ def test_fastmri_multicoil_hdf5_estimates_noise_end_to_end(prior: Path, tmp_path
 
     path = tmp_path / "case.h5"
     sigma = 16.0  # 2 % of the phantom's peak (800), per complex entry
-    mags = _multicoil_h5(path, sigma=sigma)
+    mags = multicoil_h5(path, sigma=sigma)
     out = tmp_path / "mc"
     code, _, err = recon(prior, path, out, "--solver", "dds", "--steps", 3, "--slice", 1, "--accel", 3,
                          "--center-fraction", 0.25, "--noise", 0.05, "--coils", 8, "--compare", "zero-filled")
@@ -517,7 +453,7 @@ def _all_zero(tmp: Path) -> Path:
 def _nan_kspace_h5(tmp: Path) -> Path:
     pytest.importorskip("h5py")
     p = tmp / "nan.h5"
-    _multicoil_h5(p, nan=True)
+    multicoil_h5(p, nan=True)
     return p
 
 

@@ -140,19 +140,33 @@ def test_limited_angle_and_low_dose(files: dict[str, Path], tmp_path: Path, args
         assert psnr["tv"] > psnr["fbp"], psnr  # TV suppresses the Poisson noise that FBP amplifies
 
 
-def test_volume_input_middle_slice(files: dict[str, Path], tmp_path: Path) -> None:
+def test_volume_input_all_slices_and_one(files: dict[str, Path], tmp_path: Path) -> None:
+    """A CT volume: all slices by default (the input's shape and affine), --slice K one of them."""
     out = tmp_path / "o"
     import nibabel as nib
 
     code, _, err = run_cli("reconstruct", "--input", files["vol"], "--out", out, "--solver", "fbp", "--views", 90,
                            "--compare", "")
     assert code == 0, err
+    recon = load(out / "recon.nii.gz")
+    assert recon.shape == (N, N, 3)
+    np.testing.assert_allclose(nib.load(str(out / "recon.nii.gz")).affine, np.diag([PX, PX, PX, 1.0]))
+    assert_hu(recon[:, :, 0])
+    assert_hu(recon[:, :, 1])
+    np.testing.assert_array_equal(recon[:, :, 0], recon[:, :, 1])  # the same slice, the same simulation
+    rec = json.loads((out / "metrics.json").read_text())
+    assert [r["slice"] for r in rec["per_slice"]] == [0, 1, 2] and rec["slices"] == [0, 3]
+    psnr = [r["metrics"][0]["PSNR"] for r in rec["per_slice"]]
+    assert rec["metrics"][0]["PSNR"] == pytest.approx(np.mean(psnr))
+    code, _, err = run_cli("reconstruct", "--input", files["vol"], "--out", tmp_path / "m", "--solver", "fbp",
+                           "--views", 90, "--slice", 1, "--compare", "")
+    assert code == 0, err
     # The RAS volume (axes R, A, S) is reoriented to axial DICOM order (rows to P, columns to L) for the
     # prior, and the result goes back onto the input's grid: output voxel (i, j, 0) is input voxel (i, j, 1).
-    recon = load(out / "recon.nii.gz")
+    recon = load(tmp_path / "m" / "recon.nii.gz")
     assert recon.shape == (N, N, 1)
     assert_hu(recon[:, :, 0])
-    aff = nib.load(str(out / "recon.nii.gz")).affine
+    aff = nib.load(str(tmp_path / "m" / "recon.nii.gz")).affine
     np.testing.assert_allclose(aff @ [2, 5, 0, 1], np.diag([PX, PX, PX, 1.0]) @ [2, 5, 1, 1])
     code, _, err = run_cli("reconstruct", "--input", files["vol"], "--out", tmp_path / "s", "--solver", "fbp",
                            "--slice", 2, "--compare", "")

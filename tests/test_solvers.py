@@ -588,3 +588,26 @@ def test_float32_default_runs():
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
     assert ((x.double().mean(0) - mean).abs() / C.diag().sqrt()).max() < 5 / math.sqrt(512) + 0.05
     np.testing.assert_allclose(x[:, :N_MEAS].double().mean(0).numpy(), mean[:N_MEAS].numpy(), atol=0.02)
+
+
+def test_per_item_noise_std_matches_one_problem_per_item() -> None:
+    """A batch whose items have their own noise std (``Problem.noise_sigma`` (B,)) gets, item by item,
+    the data step of a problem of that std alone: the guided denoiser's prox and MCG's projection
+    (at sigma = 0 a noiseless item is projected, a noisy one kept)."""
+    from mediff.physics.operators import Matrix
+    from mediff.solvers import _posterior_prox, measurement_projection
+
+    g = torch.Generator().manual_seed(0)
+    op = Matrix(torch.randn(6, 10, generator=g, dtype=torch.float64))
+    y = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    d = torch.randn(2, 10, generator=g, dtype=torch.float64)
+    stds = torch.tensor([0.0, 0.3], dtype=torch.float64)
+    sigma = torch.full((2,), 0.7, dtype=torch.float64)
+    both, _ = _posterior_prox(Problem(op, y, stds), d, sigma, 0.5, 30)
+    project = measurement_projection(Problem(op, y, stds), None, 30)(d, 0.0)
+    for i in range(2):
+        alone, _ = _posterior_prox(Problem(op, y[i:i + 1], float(stds[i])), d[i:i + 1], sigma[i:i + 1], 0.5, 30)
+        torch.testing.assert_close(both[i:i + 1], alone)
+    torch.testing.assert_close(project[1], d[1])
+    torch.testing.assert_close(op.A(project[:1]), y[:1])
+    assert not torch.allclose(both[0], both[1])

@@ -55,11 +55,12 @@ from mediff.schedules import karras
 @dataclass(frozen=True)
 class Problem:
     """Measurements ``y`` of ``op`` with noise std ``noise_sigma`` (same units as y, per real entry
-    of a real y or per complex entry of a complex y)."""
+    of a real y or per complex entry of a complex y): one std for every item, or one per item (B,),
+    so that problems with different noise levels (the slices of a volume) can share a batch."""
 
     op: LinearOperator
     y: Tensor
-    noise_sigma: float = 0.0
+    noise_sigma: float | Tensor = 0.0
 
     @cached_property
     def aty(self) -> Tensor:
@@ -72,14 +73,15 @@ def posterior_var(sigma: Tensor, sigma_data: float) -> Tensor:
     return sigma**2 * sigma_data**2 / (sigma**2 + sigma_data**2)
 
 
-def _noise_var(problem: Problem, x: Tensor) -> float:
-    """Likelihood noise variance on the scale of a real/complex prior variance r^2 of ``x``.
+def _noise_var(problem: Problem, x: Tensor) -> Tensor:
+    """Likelihood noise variance (B,) float64, per item, on the scale of a real/complex prior variance
+    r^2 of ``x`` (B, ...).
 
     A complex y with E|n|^2 = sy^2 per entry has variance sy^2 / 2 per real component; for a real x
     (e.g. ``PhaseModulated``) the likelihood exp(-|y - A z|^2 / sy^2) pairs with the prior
     exp(-|z - D|^2 / (2 r^2)), so the effective variance is sy^2 / 2. Real y, or complex x and y: sy^2.
     """
-    v = problem.noise_sigma**2
+    v = torch.as_tensor(problem.noise_sigma, dtype=torch.float64).expand(x.shape[0]) ** 2
     return v / 2 if problem.y.is_complex() and not x.is_complex() else v
 
 
@@ -165,14 +167,15 @@ def measurement_projection(problem: Problem, generator: torch.Generator | None, 
     def project(x: Tensor, sigma: float) -> Tensor:
         noise_var = _noise_var(problem, x)
         if sigma == 0:
-            if noise_var > 0:
+            noisy = noise_var > 0
+            if bool(noisy.all()):
                 return x
-            y_s = problem.y
-        else:
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            y_s = problem.y + sigma * problem.op.A(z)
-        lam = torch.full((x.shape[0],), noise_var / sigma**2 if sigma > 0 else 0.0, dtype=torch.float64)
-        return prox_data_consistency(Problem(problem.op, y_s), x, lam, cg_iters)
+            # Noiseless items are projected onto {A u = y}; noisy ones (lam = inf) keep x.
+            projected = prox_data_consistency(problem, x, torch.zeros_like(noise_var), cg_iters)
+            return torch.where(_item(noisy, x), x, projected)
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        y_s = problem.y + sigma * problem.op.A(z)
+        return prox_data_consistency(Problem(problem.op, y_s), x, noise_var / sigma**2, cg_iters)
 
     return project
 

@@ -28,7 +28,8 @@ def progress_callback(total: int, label: str):
     def bar():
         with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as p:
             task = p.add_task(label, total=total)
-            yield lambda i, x, d: p.advance(task)
+            # ``advance``: steps completed per sampler step (a batch of several problems advances each).
+            yield lambda i, x, d, advance=1: p.advance(task, advance)
 
     return bar()
 

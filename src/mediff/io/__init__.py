@@ -31,7 +31,7 @@ Every problem caused by the input (missing/corrupt/unsupported file, bad options
 
 from mediff.io.arrays import NPZ_IMAGE_KEYS, NPZ_META_KEYS, write_npz
 from mediff.io.atomic import atomic_write
-from mediff.io.dicom_read import dicom_modality
+from mediff.io.dicom_read import dicom_modality, first_dicom, holds_dicom
 from mediff.io.dicom_write import write_dicom
 from mediff.io.formats import describe, detect_format, read_image, write_image
 from mediff.io.hdf5 import read_kspace_h5
@@ -54,6 +54,8 @@ __all__ = [
     "describe",
     "detect_format",
     "dicom_modality",
+    "first_dicom",
+    "holds_dicom",
     # The package's one atomic writer (checkpoints and reports use it too), read_image's NPZ key rule:
     "atomic_write",
     "NPZ_IMAGE_KEYS",

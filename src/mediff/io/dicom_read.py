@@ -211,15 +211,27 @@ def _series_files(folder: Path) -> list[Path]:
     return candidates
 
 
+def holds_dicom(folder: PathLike) -> bool:
+    """Whether ``folder`` directly holds DICOM files (by preamble or extension): it is then one series."""
+    p = as_path(folder)
+    return p.is_dir() and any(f.is_file() and not f.name.startswith(".") and (
+        f.suffix.lower() in (".dcm", ".dicom", ".ima") or _has_dicm_preamble(f)) for f in p.iterdir())
+
+
+def first_dicom(path: PathLike) -> Path:
+    """A DICOM file itself, or the first DICOM file (by name) of a series folder: whose patient and
+    study tags a derived series copies, and whose header tells what the input is."""
+    p = as_path(path)
+    return _series_files(p)[0] if p.is_dir() else p
+
+
 def dicom_modality(path: PathLike) -> str:
     """The Modality tag ("CT", "MR", ...) of a DICOM file, or of the first file of a series folder.
 
     Reads headers only, so deciding how to treat an input costs no pixel decoding. Returns "" when
     the tag is absent; raises ``MediffError`` when the file or folder holds no readable DICOM.
     """
-    p = as_path(path)
-    first = _series_files(p)[0] if p.is_dir() else p
-    return str(dcmread(first, stop_before_pixels=True).get("Modality", "") or "").strip().upper()
+    return str(dcmread(first_dicom(path), stop_before_pixels=True).get("Modality", "") or "").strip().upper()
 
 
 # (file, header-only Dataset) of each file of one series.

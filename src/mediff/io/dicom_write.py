@@ -150,7 +150,8 @@ def write_dicom(
     spacing: (row, col[, slice]) mm when no affine is given (default 1 mm, axial DICOM orientation).
     affine: voxel (row, col, slice) -> RAS mm. If its slice axis points against row x col
         (det(affine[:3,:3]) > 0), read_image returns the slices in reverse order (same geometry).
-    reference: pydicom Dataset or DICOM path whose patient/study tags are copied (same study).
+    reference: pydicom Dataset or DICOM path whose patient/study tags are copied (same study), and
+        its SliceThickness when it has one (images derived from it keep the acquired thickness).
     Returns the written file paths. Atomic: a series is built in a temp folder and renamed.
     """
     p = as_path(path)
@@ -216,6 +217,8 @@ def _build_dicom_slice(stored: np.ndarray, k: int, series: _Series) -> Any:
     ds = _new_dataset(series.modality)
     _set_study_and_series(ds, k, series)
     _set_geometry(ds, k, series.affine, series.n_slices)
+    if series.ref is not None and series.ref.get("SliceThickness", None):
+        ds.SliceThickness = series.ref.SliceThickness  # the acquired thickness, not the slice spacing
     _set_acquisition(ds, series)
     _set_pixels(ds, stored, series.slope, series.intercept)
     return ds

@@ -53,6 +53,8 @@ def read_kspace_h5(path: PathLike, slices: int | slice | None = None) -> dict[st
       reconstruction_rss: float32 (slices, H, W) or None.
       attrs: file attributes as plain Python values (acquisition, max, norm, ...).
       ismrmrd_header: the XML header as str, or None.
+      single_coil: whether the file holds fastMRI's single-coil target ``reconstruction_esc``, so a
+        3D kspace is (slices, H, W) rather than one slice's (coils, H, W).
     slices: read only these slices (HDF5 reads them lazily: full files can be > 1 GB).
     """
     p = as_path(path)
@@ -68,11 +70,13 @@ def read_kspace_h5(path: PathLike, slices: int | slice | None = None) -> dict[st
             rss = np.asarray(f["reconstruction_rss"][sel], dtype=np.float32) if "reconstruction_rss" in f else None
             header = _h5_attr(f["ismrmrd_header"][()]) if "ismrmrd_header" in f else None
             attrs = {k: _h5_attr(v) for k, v in f.attrs.items()}
+            single_coil = "reconstruction_esc" in f
         except MediffError:
             raise
         except read_errors() as exc:
             raise MediffError(f"cannot read HDF5 {p}: {one_line(exc)}") from exc
-    return {"kspace": kspace, "mask": mask, "reconstruction_rss": rss, "attrs": attrs, "ismrmrd_header": header}
+    return {"kspace": kspace, "mask": mask, "reconstruction_rss": rss, "attrs": attrs, "ismrmrd_header": header,
+            "single_coil": single_coil}
 
 
 def _ismrmrd_spacing(header: str | None, hw: tuple[int, int]) -> tuple[float, float, float] | None:

@@ -146,6 +146,35 @@ class Weighted(LinearOperator):
         return self.op.AH(self.weights.to(device=y.device, dtype=y.real.dtype) * y)
 
 
+class Stacked(LinearOperator):
+    """Block diagonal over the batch: items [i r, (i + 1) r) go through ``ops[i]`` (r = ``repeats``).
+
+    Lets one solver run treat several problems at once (the slices of a volume, each with its own
+    phase, coil maps or weights, ``repeats`` posterior samples each), so the network sees them as one
+    batch; the operators themselves still run one problem at a time. All ops must map to data of one
+    shape. x (len(ops) r, ...) -> y (len(ops) r, ...)."""
+
+    def __init__(self, ops: list[LinearOperator], repeats: int = 1) -> None:
+        if not ops or repeats < 1:
+            raise ValueError("Stacked needs at least one operator and repeats >= 1")
+        self._set(ops=tuple(ops), repeats=int(repeats))
+
+    def _each(self, apply: Callable[[LinearOperator, Tensor], Tensor], x: Tensor) -> Tensor:
+        r = self.repeats
+        if x.shape[0] != r * len(self.ops):
+            raise ValueError(f"Stacked of {len(self.ops)} x {r} items got a batch of {x.shape[0]}")
+        return torch.cat([apply(op, x[i * r: (i + 1) * r]) for i, op in enumerate(self.ops)])
+
+    def A(self, x: Tensor) -> Tensor:  # noqa: N802
+        return self._each(lambda op, v: op.A(v), x)
+
+    def AH(self, y: Tensor) -> Tensor:  # noqa: N802
+        return self._each(lambda op, v: op.AH(v), y)
+
+    def normal(self, x: Tensor) -> Tensor:
+        return self._each(lambda op, v: op.normal(v), x)
+
+
 class CenterCrop(LinearOperator):
     """(…, H, W) -> centred (…, h, w) crop; its adjoint zero-pads. Lets a prior run on a grid of
     network-friendly size while the data live on the scanner's grid: A' = A @ CenterCrop."""

@@ -1,10 +1,11 @@
 """Reconstruction: one trained prior solves the imaging inverse problem of a user's file.
 
 Layout: ``options`` (what a user asks: ``MRIOptions``, ``CTOptions``, ``ReconRequest``), ``task``
-(the ``Task`` every method works on), ``mri`` / ``ct`` (each modality's task and how files become
-one), ``grid`` (input grid <-> working grid), ``policy`` (tuned CG steps and baseline weights),
-``run`` (a solver or baseline on a task), ``outputs`` (NIfTI, DICOM, report) and ``job`` (the
-``mediff reconstruct`` job).
+(the ``Task`` every method works on, one per slice), ``mri`` / ``ct`` (each modality's task and how
+files become slices of tasks), ``grid`` (input grid <-> working grid), ``policy`` (tuned CG steps
+and baseline weights), ``run`` (a solver or baseline on a task, a solver on a batch of tasks),
+``volume`` (chosen slices, batches, stacking slices back into volumes), ``outputs`` (NIfTI, DICOM,
+report) and ``job`` (the ``mediff reconstruct`` job).
 
 Names load lazily, so that the CLI can read ``options`` without importing torch.
 """
@@ -18,7 +19,7 @@ _EXPORTS = {
     "CTOptions": "options", "MRIOptions": "options", "ReconRequest": "options",
     "CTTask": "ct", "prepare_ct": "ct", "simulate_ct": "ct",
     "MRITask": "mri", "prepare_mri": "mri", "simulate_mri": "mri",
-    "Task": "task", "prepare": "job", "reconstruct": "job",
+    "SliceSource": "task", "Task": "task", "reconstruct": "job", "slice_source": "job",
 }
 
 

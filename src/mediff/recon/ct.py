@@ -3,7 +3,7 @@
 Inputs:
 
 * a CT image in HU (DICOM file or series, NIfTI, NPY, NPZ with ``hu``), 2D or a volume (the middle
-  axial slice, or ``slice_index``; NPY/NPZ stacks are (slices, H, W)), checked with ``check_hu``.
+  axial slices one by one (``ct_source``); NPY/NPZ stacks are (slices, H, W)), checked with ``check_hu``.
   It is resampled onto the prior's N x N grid (area downsampling, air padding; the working pixel is
   the input spacing times the downsampling factor, so line integrals keep their physical scale) and
   a parallel-beam sinogram is simulated: sparse view (``views`` over 180 degrees), limited angle
@@ -52,9 +52,9 @@ from mediff.physics.ct import MU_WATER_PER_MM, ParallelBeamCT, check_hu, check_s
     limited_angle_angles, simulate_sinogram, sparse_view_angles
 from mediff.physics.operators import LinearOperator, Weighted
 from mediff.recon import policy
-from mediff.recon.grid import GridMap, InputGrid, fit_to_grid, pick_slice
+from mediff.recon.grid import GridMap, InputGrid, fit_to_grid, pick_slice, slice_count
 from mediff.recon.options import CTOptions
-from mediff.recon.task import Task
+from mediff.recon.task import SliceSource, Task
 from mediff.report import Panel
 
 METRIC_WINDOW = (-1000.0, 1000.0)  # HU window of PSNR/SSIM (data_range 2000)
@@ -251,10 +251,10 @@ def simulate_ct(hu: np.ndarray, options: CTOptions = CTOptions(), seed: int = 0,
                   weights=weights)
 
 
-def prepare_ct(path: Path, size: int | None, options: CTOptions = CTOptions(), seed: int = 0,
-               normalization: dict | None = None, slice_index: int | None = None,
-               prior_name: str | None = None) -> CTTask:
-    """Read ``path`` and build the CT inverse problem in the prior's u units (module docstring).
+def ct_source(path: Path, size: int | None, options: CTOptions = CTOptions(), seed: int = 0,
+              normalization: dict | None = None, prior_name: str | None = None) -> SliceSource:
+    """The CT slices of ``path`` in the prior's u units (module docstring): a volume's axial slices, a
+    numpy stack's slices, or the one slice of a 2D image or sinogram file.
 
     size: working grid N (the prior's image size); None = the input grid, at most MAX_BASELINE_SIZE
     (baselines without a prior). normalization: the prior's metadata normalisation (None: HU window
@@ -271,8 +271,26 @@ def prepare_ct(path: Path, size: int | None, options: CTOptions = CTOptions(), s
         except (OSError, ValueError) as exc:
             raise MediffError(f"cannot read npz {path}: {exc}") from None
         if is_sino:
-            return _prepare_sinogram(path, size, options, hu_range)
-    image, affine, px, notes, grid = _read_hu(path, fmt, slice_index)
+            return SliceSource(1, lambda k: _prepare_sinogram(path, size, options, hu_range), "sinograms")
+    img = io.read_image(path)
+    stack = fmt in ("npy", "npz") and np.ndim(img.array) == 3
+    n = img.array.shape[0] if stack else slice_count(img, CT_SLICE_ORIENTATION, axis=2)
+    return SliceSource(n, lambda k: _image_task(img, path, fmt, k, size, options, seed, hu_range),
+                       "slices" if stack else "axial slices")
+
+
+def prepare_ct(path: Path, size: int | None, options: CTOptions = CTOptions(), seed: int = 0,
+               normalization: dict | None = None, slice_index: int | None = None,
+               prior_name: str | None = None) -> CTTask:
+    """The CT problem of one slice of ``path`` (``slice_index``, default the middle one; ``ct_source``)."""
+    source = ct_source(path, size, options, seed, normalization, prior_name)
+    return source.build(source.middle(slice_index))
+
+
+def _image_task(img: io.MedicalImage, path: Path, fmt: str, k: int, size: int | None, options: CTOptions, seed: int,
+                hu_range: tuple[float, float]) -> CTTask:
+    """Slice ``k`` of an HU image (its only slice when 2D) with a simulated sinogram."""
+    image, affine, px, notes, grid = _read_hu(img, path, fmt, k)
     check_hu(image)
     own_grid = size is None
     if own_grid:
@@ -287,11 +305,11 @@ def prepare_ct(path: Path, size: int | None, options: CTOptions = CTOptions(), s
     return task
 
 
-def _read_hu(path: Path, fmt: str, slice_index: int | None
+def _read_hu(img: io.MedicalImage, path: Path, fmt: str, k: int
              ) -> tuple[np.ndarray, np.ndarray, float, list[str], InputGrid | None]:
-    """The 2D HU slice, its affine, its pixel size (mm), notes, and where it sits on the input's voxel
-    grid (None for 2D images and numpy stacks, which are written as the 2D slice)."""
-    img = io.read_image(path)
+    """Slice ``k`` of an HU image read from ``path``: the 2D HU slice, its affine, its pixel size (mm),
+    notes, and where it sits on the input's voxel grid (None for 2D images and numpy stacks, which
+    have no voxel grid of their own)."""
     notes: list[str] = []
     arr = np.asarray(img.array)
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
@@ -300,9 +318,6 @@ def _read_hu(path: Path, fmt: str, slice_index: int | None
     grid = None
     if fmt in ("npy", "npz") and arr.ndim == 3:
         # A stack (slices, H, W) as numpy stores it (e.g. one slice per patient): no reorientation.
-        k = arr.shape[0] // 2 if slice_index is None else slice_index
-        if not 0 <= k < arr.shape[0]:
-            raise MediffError(f"--slice {k} out of range: the stack has {arr.shape[0]} slices")
         image, affine = arr[k].astype(np.float32), np.eye(4)
         notes.append(f"slice {k} of a stack of {arr.shape[0]}")
         if fmt == "npz":
@@ -311,7 +326,7 @@ def _read_hu(path: Path, fmt: str, slice_index: int | None
                     ps = np.atleast_1d(z["pixel_spacing_mm"]).astype(float)
                     spacing = float(ps[k] if ps.size == arr.shape[0] else ps[0])
     else:
-        image, affine, note, grid = pick_slice(img, slice_index, CT_SLICE_ORIENTATION, axis=2)
+        image, affine, note, grid = pick_slice(img, k, CT_SLICE_ORIENTATION, axis=2)
         if note:
             notes.append(note)
         if fmt == "npz" and arr.ndim == 2:

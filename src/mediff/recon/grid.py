@@ -53,11 +53,14 @@ class InputGrid:
 
     ``transform``: nibabel orientation transform from the reoriented frame back to the input's axes;
     ``axis``: the slice axis in the reoriented frame; ``affine``: the input's affine moved to the slice
-    (for an input with one slice, the input's affine)."""
+    (for an input with one slice, the input's affine); ``input_axis`` / ``input_index``: the slice's
+    axis and index in the input's own voxel order, along which slices stack back into a volume."""
 
     transform: np.ndarray
     axis: int
     affine: np.ndarray
+    input_axis: int
+    input_index: int
 
     def place(self, a: np.ndarray) -> np.ndarray:
         """A slice (H, W) in the reoriented frame -> the input's voxel order, length 1 on its slice axis."""
@@ -76,7 +79,26 @@ def _input_grid(img_affine: np.ndarray, src: np.ndarray, dst: np.ndarray, axis: 
     k_in = n - 1 - k if to_frame[src_axis, 1] < 0 else k
     shift = np.eye(4)
     shift[src_axis, 3] = k_in
-    return InputGrid(transform=nio.ornt_transform(dst, src), axis=axis, affine=img_affine @ shift)
+    return InputGrid(transform=nio.ornt_transform(dst, src), axis=axis, affine=img_affine @ shift,
+                     input_axis=src_axis, input_index=k_in)
+
+
+def stack_on_input_grid(grids: list[InputGrid], slices: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Slices (H, W) of consecutive slice indices, each with its ``InputGrid``, as one block of the
+    input's voxel grid: (array in the input's voxel order, its 4x4 affine at the block's first voxel)."""
+    order = sorted(range(len(grids)), key=lambda i: grids[i].input_index)
+    first = grids[order[0]]
+    return np.concatenate([grids[i].place(slices[i]) for i in order], axis=first.input_axis), first.affine
+
+
+def slice_count(img: io.MedicalImage, orientation: tuple[str, str, str] = SLICE_ORIENTATION, axis: int = 1) -> int:
+    """How many slices ``pick_slice`` can pick from ``img`` along ``axis`` of ``orientation`` (1 for 2D)."""
+    import nibabel.orientations as nio
+
+    if np.ndim(img.array) != 3:
+        return 1
+    to_frame = nio.ornt_transform(nio.io_orientation(img.affine), nio.axcodes2ornt(orientation))
+    return int(img.array.shape[int(np.flatnonzero(to_frame[:, 0] == axis)[0])])
 
 
 def pick_slice(img: io.MedicalImage, slice_index: int | None, orientation: tuple[str, str, str] = SLICE_ORIENTATION,

@@ -1,8 +1,9 @@
 """MRI problems: a fully-sampled image (k-space simulated) or measured k-space, as an ``MRITask``.
 
-Inputs: a fully-sampled image (k-space is simulated: single-coil, or ``coils`` simulated coil maps),
-fastMRI-style HDF5 (``kspace`` (C, H, W) or (S, C, H, W), optional ``mask``), or NPZ with ``kspace``
-and ``mask``. Everything is solved in the prior's normalised units: the scale is the 99.5th
+Inputs: a fully-sampled image or volume (k-space is simulated per slice: single-coil, or ``coils``
+simulated coil maps), fastMRI-style HDF5 (``kspace`` (C, H, W) or (S, C, H, W), fastMRI single-coil
+(S, H, W); optional ``mask``), or NPZ with ``kspace`` and ``mask``; every slice is its own problem
+(``mri_source``). Everything is solved in the prior's normalised units: the scale is the 99.5th
 percentile of the zero-filled magnitude, known from the data alone, and undone on output.
 
 Phase: the priors model magnitude images. The complex image is written x * phase with a fixed phase,
@@ -40,9 +41,9 @@ from mediff.physics.mri import MagnitudeMRI, MultiCoilMRI, SingleCoilMRI, check_
     unit_phase
 from mediff.physics.operators import CenterCrop, LinearOperator, PhaseModulated
 from mediff.recon import policy
-from mediff.recon.grid import fit_to_grid, pick_slice
+from mediff.recon.grid import fit_to_grid, pick_slice, slice_count
 from mediff.recon.options import MRIOptions
-from mediff.recon.task import Task
+from mediff.recon.task import SliceSource, Task
 from mediff.report import Panel
 
 # ESPIRiT's support threshold on the top eigenvalue (``estimate_coil_maps``' ``crop``;
@@ -119,22 +120,46 @@ class MRITask(Task):
         return [Panel(f"mask (x{self.info['accel']:.2f})", self.mask.astype(np.float32), kind="mask")]
 
 
-def prepare_mri(path: Path, size: int, options: MRIOptions = MRIOptions(), seed: int = 0,
-                slice_index: int | None = None) -> MRITask:
-    """Read ``path`` and build its MRI problem on a size x size working grid (module docstring)."""
+def mri_source(path: Path, size: int, options: MRIOptions = MRIOptions(), seed: int = 0) -> SliceSource:
+    """The MRI slices of ``path`` (module docstring), each solved on a size x size working grid (k-space
+    files on their own grid, padded to a multiple of GRID_MULTIPLE): a volume's axial slices, a
+    multi-slice k-space file's slices, or the one slice of a 2D image or one-slice k-space file."""
     fmt = io.detect_format(path)
     if fmt == "hdf5" or (fmt == "npz" and "kspace" in np.load(path).files):
-        task = _prepare_kspace(path, fmt, options, seed, slice_index)
-        # --noise and --coils simulate k-space from an image; measured k-space has its own coils and
-        # noise (estimated from the data), so they do not apply: say so rather than ignore them.
-        ignored = [name for name in ("--noise", "--coils") if name in options.changed()]
-        if ignored:
-            task.notes.append(f"{' and '.join(ignored)} ignored: they simulate k-space from an image; this file "
-                              f"holds measured k-space ({task.info['coils']} coil(s), noise estimated from the data)")
-            task.info["ignored_options"] = ignored
-        return task
+        ksp, mask = _read_kspace(path, fmt)
+        n = ksp.shape[0]
+        return SliceSource(n, lambda k: _measured_task(ksp[k], mask, path, options, seed,
+                                                       None if n == 1 else f"slice {k} of {n}"), "k-space slices")
     img = io.read_image(path)
-    image, affine, note, grid = pick_slice(img, slice_index)
+    return SliceSource(slice_count(img), lambda k: _image_task(img, k, path, size, options, seed), "axial slices")
+
+
+def prepare_mri(path: Path, size: int, options: MRIOptions = MRIOptions(), seed: int = 0,
+                slice_index: int | None = None) -> MRITask:
+    """The MRI problem of one slice of ``path`` (``slice_index``, default the middle one; ``mri_source``)."""
+    source = mri_source(path, size, options, seed)
+    return source.build(source.middle(slice_index))
+
+
+def _measured_task(ksp: np.ndarray, mask: object, path: Path, options: MRIOptions, seed: int,
+                   note: str | None) -> MRITask:
+    """One slice's k-space (C, H, W) and the file's mask as a task; ``note`` names the slice."""
+    task = _prepare_kspace(ksp, mask, path, options, seed)
+    if note:
+        task.notes.insert(0, note)
+    # --noise and --coils simulate k-space from an image; measured k-space has its own coils and
+    # noise (estimated from the data), so they do not apply: say so rather than ignore them.
+    ignored = [name for name in ("--noise", "--coils") if name in options.changed()]
+    if ignored:
+        task.notes.append(f"{' and '.join(ignored)} ignored: they simulate k-space from an image; this file "
+                          f"holds measured k-space ({task.info['coils']} coil(s), noise estimated from the data)")
+        task.info["ignored_options"] = ignored
+    return task
+
+
+def _image_task(img: io.MedicalImage, k: int, path: Path, size: int, options: MRIOptions, seed: int) -> MRITask:
+    """Slice ``k`` of a fully-sampled image (its only slice when 2D) with simulated k-space."""
+    image, affine, note, grid = pick_slice(img, k)
     if not np.isfinite(image).all():
         raise MediffError(f"{path} contains NaN or infinite values")
     work, back, fit_note = fit_to_grid(np.clip(image, 0, None), size)
@@ -211,28 +236,23 @@ def _with_model_error(op: LinearOperator, y: Tensor, noise: float, scale: float,
     return max(noise, resid)
 
 
-def _read_kspace(path: Path, fmt: str, slice_index: int | None, notes: list[str]) -> tuple[np.ndarray, object]:
-    """(k-space (C, H, W), mask or None) of a k-space file, one slice of a multi-slice file."""
+def _read_kspace(path: Path, fmt: str) -> tuple[np.ndarray, object]:
+    """(k-space (S, C, H, W), mask or None) of a k-space file. Files hold (C, H, W) or (S, C, H, W);
+    fastMRI single-coil files (``single_coil``) hold (S, H, W); (H, W) is one single-coil slice."""
     if fmt == "hdf5":
         d = io.read_kspace_h5(path)
         ksp, mask = d["kspace"], d.get("mask")
+        if d.get("single_coil") and np.ndim(ksp) == 3:
+            ksp = np.asarray(ksp)[:, None]
     else:
         d = np.load(path)
         if "mask" not in d.files:
             raise MediffError(f"{path}: NPZ k-space needs a 'mask' array next to 'kspace'")
         ksp, mask = d["kspace"], d["mask"]
     ksp = np.asarray(ksp)
-    if ksp.ndim == 4:
-        k_i = ksp.shape[0] // 2 if slice_index is None else slice_index
-        if not 0 <= k_i < ksp.shape[0]:
-            raise MediffError(f"--slice {k_i} out of range ({ksp.shape[0]} slices)")
-        notes.append(f"slice {k_i} of {ksp.shape[0]}")
-        ksp = ksp[k_i]
-    if ksp.ndim == 2:
-        ksp = ksp[None]
-    if ksp.ndim != 3:
+    if not 2 <= ksp.ndim <= 4:
         raise MediffError(f"{path}: kspace must be (C, H, W) or (S, C, H, W), got {ksp.shape}")
-    return ksp, mask
+    return ksp.reshape((1,) * (4 - ksp.ndim) + ksp.shape), mask
 
 
 def _kspace_mask(ksp: np.ndarray, mask: object, options: MRIOptions, seed: int, path: Path,
@@ -253,9 +273,9 @@ def _kspace_mask(ksp: np.ndarray, mask: object, options: MRIOptions, seed: int, 
     return np.broadcast_to(mask, (h, w)).copy() if mask.ndim == 1 else mask  # writable: torch shares it
 
 
-def _prepare_kspace(path: Path, fmt: str, options: MRIOptions, seed: int, slice_index: int | None) -> MRITask:
+def _prepare_kspace(ksp: np.ndarray, mask: object, path: Path, options: MRIOptions, seed: int) -> MRITask:
+    """The task of one slice's measured k-space (C, H, W) under the file's ``mask`` (None: derived)."""
     notes: list[str] = []
-    ksp, mask = _read_kspace(path, fmt, slice_index, notes)
     full = torch.from_numpy(ksp.astype(np.complex64))[None]
     h, w = ksp.shape[-2:]
     mask = _kspace_mask(ksp, mask, options, seed, path, notes)

@@ -3,8 +3,11 @@ default lives here once; the CLI and the Python API read it from these classes."
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from mediff.errors import MediffError
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,9 @@ class ReconRequest:
     baselines); ``samples``: posterior samples (> 1 adds a std map and coverage); ``compare``:
     baselines beside the solver (those of the other modality are skipped); ``lam``: baseline weight
     (None: ``policy.BASELINE_LAMBDA``); ``cg_iters``: CG steps per data-consistency update (None:
-    ``policy.cg_iters``); ``dicom``: also write recon_dicom/; ``command``: recorded in metrics.json."""
+    ``policy.cg_iters``); ``dicom``: also write recon_dicom/; ``command``: recorded in metrics.json;
+    ``slices``: the half-open range (start, stop) of slices to reconstruct, None for an open end
+    (None: all slices; ``volume.chosen_slices``)."""
 
     input: Path
     model: str | None = "brain-t1"
@@ -63,7 +68,7 @@ class ReconRequest:
     steps: int = 50
     seed: int = 0
     samples: int = 1
-    slice_index: int | None = None
+    slices: tuple[int | None, int | None] | None = None
     compare: tuple[str, ...] = ("zero-filled",)
     lam: float | None = None
     cg_iters: int | None = None
@@ -71,3 +76,15 @@ class ReconRequest:
     command: str = ""
     mri: MRIOptions = field(default_factory=MRIOptions)
     ct: CTOptions = field(default_factory=CTOptions)
+
+
+_SLICES = re.compile(r"\s*(\d*)\s*:\s*(\d*)\s*")
+
+
+def parse_slices(text: str) -> tuple[int | None, int | None]:
+    """``--slices a:b`` (half-open, either end may be left out) -> (a, b) with None for an open end."""
+    m = _SLICES.fullmatch(text)
+    if m is None:
+        raise MediffError(f"--slices takes a half-open range START:STOP of slice indices (e.g. 10:20, 40:, :8), "
+                          f"got {text!r}")
+    return tuple(int(v) if v else None for v in m.groups())  # type: ignore[return-value]

@@ -10,7 +10,7 @@ the pipeline (``recon.run``, ``recon.job``, ``recon.outputs``) never branches on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 from torch import Tensor
@@ -138,3 +138,22 @@ class Task:
     def shown_std(self, std: Tensor) -> np.ndarray:
         """A posterior std (1, 1, H, W) in the report's display units."""
         return self.shown(std)
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """The slices of one input (1 for a 2D image or a one-slice k-space file): ``n`` of them, slice k
+    built into its ``Task`` by ``build(k)`` (0 <= k < n) only when it is reconstructed, so a volume's
+    preparation (reading, ESPIRiT, phase) is paid per slice as the job advances. ``what``: the slices
+    in words, for messages ("axial slices", "k-space slices")."""
+
+    n: int
+    build: Callable[[int], Task]
+    what: str = "slices"
+
+    def middle(self, slice_index: int | None) -> int:
+        """``slice_index``, or the middle slice when None, checked against ``n``."""
+        k = self.n // 2 if slice_index is None else slice_index
+        if not 0 <= k < self.n:
+            raise MediffError(f"--slice {k} out of range: the input has {self.n} {self.what}")
+        return k
