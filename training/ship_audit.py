@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
+from mediff.audit_job import verdict_line  # noqa: E402
 from mediff.embedding import load_embedding, save_embedding  # noqa: E402
 from mediff.prior import load_prior  # noqa: E402
 from mediff.prior_meta import PriorMeta  # noqa: E402
@@ -40,24 +41,22 @@ def audit_lines(name: str, meta: PriorMeta) -> list[str]:
     if d["step"] != meta.step:
         return []
     m = d["methods"]
-    rows = ["| method | threshold | synthetic flagged | held-out real flagged |", "|---|---|---|---|"]
+    rows = ["| method | threshold | samples flagged | unseen-subject real images flagged (cross-validated) |",
+            "|---|---|---|---|"]
     rows += [f"| {k} | {v['tau']:.3f} | {v['flagged']} of {d['n_synthetic']} ({v['flagged_fraction']:.1%}) | "
              f"{v['heldout_false_alarm']:.1%} |" for k, v in m.items()]
-    verdict = (f"{d['copies']} of {d['n_synthetic']} samples are flagged as copies, of "
-               f"{len(d['copied_subjects'])} training subject(s) ({', '.join(d['copied_subjects'][:8])}"
-               f"{', ...' if len(d['copied_subjects']) > 8 else ''})" if d["copies"] else
-               f"none of the {d['n_synthetic']} samples is flagged as a copy")
+    verdict = verdict_line(d)
     return [SECTION, "",
             f"{d['n_synthetic']} samples ({d['sampling']}) audited against the {d['n_train']} training slices of "
             f"{d['n_train_subjects']} subjects, the threshold set by the {d['n_heldout']} slices of the "
-            f"{d['n_heldout_subjects']} held-out subjects (Dar et al., arXiv 2402.01054: the 95th percentile of the "
-            "training images' embedding correlation with their closest held-out image): "
-            f"{verdict}. The pixel-space NCC and Carlini et al.'s nearest-neighbour ratio run beside the embedding; "
-            "'held-out real flagged' is the fraction of real images of unseen subjects above the threshold (the "
-            "audit's false-alarm rate on new patients).", "", *rows, "",
+            f"{d['n_heldout_subjects']} held-out subjects (the 95th percentile of their images' correlation with the "
+            "closest training image in a self-supervised embedding trained on the training slices, after Dar et al., "
+            f"arXiv 2402.01054): {verdict}. The pixel-space NCC and Carlini et al.'s nearest-neighbour ratio run "
+            "beside the embedding; the last column is the audit's false-alarm rate on new patients (threshold set on "
+            "half of the held-out subjects, counted on the other half, both ways).", "", *rows, "",
             f"`{d['command']}`. The embedding it trained ships as `weights/embeddings/{name}.safetensors` and is the "
             f"default of `mediff audit --model {name}` on this data; the planted-copy validation of the method is "
-            "`benchmarks/audit.py` (README).", ""]
+            "`benchmarks/audit.py` (README).", "", ""]
 
 
 def main(name: str, folder: Path, command: str) -> None:
@@ -69,7 +68,7 @@ def main(name: str, folder: Path, command: str) -> None:
     save_embedding(out, enc, info, dtype=torch.float16)
     out.with_suffix(".json").unlink()  # the sidecar is for runs, not for the package
     auto = samples.get("autoguidance")
-    summary = {k: rec[k] for k in ("n_synthetic", "n_train", "n_heldout", "n_train_subjects", "n_heldout_subjects",
+    summary = {k: rec[k] for k in ("n_synthetic", "threshold_rule", "n_train", "n_heldout", "n_train_subjects", "n_heldout_subjects",
                                    "copies", "copied_subjects", "methods", "agreement")}
     summary.update(step=meta.step, command=command,
                    sampling=f"{samples['sampler']} {samples['steps']} steps, seed {samples['seed']}"

@@ -74,6 +74,19 @@ def run_audit(req: AuditRequest, out: Path) -> dict:
     return record
 
 
+def verdict_line(record: dict) -> str:
+    """One sentence on the embedding's flags, set against the rate at which real images of unseen
+    subjects are flagged: flags at or below that rate are what new patients' images get too."""
+    m = record["methods"]["embedding"]
+    if not record["copies"]:
+        return f"no synthetic image is closer to a training image than the threshold ({m['tau']:.3f})"
+    fa = m["heldout_false_alarm"]
+    than = "more often than" if m["flagged_fraction"] > fa else "no more often than"
+    return (f"{record['copies']} of {record['n_synthetic']} synthetic images ({m['flagged_fraction']:.1%}) are flagged "
+            f"as copies of {len(record['copied_subjects'])} training subject(s), {than} real images of unseen subjects "
+            f"({fa:.1%}, cross-validated)")
+
+
 def _copy_row(k: int, res: A.AuditResult, subjects: np.ndarray) -> dict:
     j = int(res.nearest[k])
     return {"synthetic_index": k, "train_index": j, "subject": str(subjects[j]), "score": float(res.scores[k])}
@@ -103,9 +116,7 @@ def _write_report(path: Path, req: AuditRequest, record: dict, results: dict[str
                   Panel(f"training {j}", train_images[j, 0].numpy(), vmin=0, vmax=1,
                         caption=f"subject {subjects[j]}")]
     rows = [{"method": m, **r} for m, r in record["methods"].items()]
-    verdict = (f"{record['copies']} of {record['n_synthetic']} synthetic images are flagged as copies of "
-               f"{len(record['copied_subjects'])} training subject(s)" if record["copies"] else
-               f"no synthetic image is closer to a training image than the threshold ({main.tau:.3f})")
+    verdict = verdict_line(record) + ("; the closest pairs are below" if record["copies"] else "")
     how = ("real images of the held-out subjects scored against the training set exactly like the synthetic "
            "ones" if req.rule == "heldout" else "training images scored against the held-out set (Dar et al.'s rule)")
     notes = [verdict,

@@ -74,10 +74,11 @@ def audit(
                            embedding=embedding, quantile=quantile, rule=threshold, seed=seed,
                            config=replace(EmbeddingConfig(), steps=embedding_steps), source=source)
         rec = run_audit(req, tmp)
+    from mediff.audit_job import verdict_line
+
     m = rec["methods"]
-    console.print(f"embedding threshold {m['embedding']['tau']:.3f}: {rec['copies']} of {rec['n_synthetic']} synthetic "
-                  f"images flagged (real images of unseen subjects flagged: {m['embedding']['heldout_false_alarm']:.1%}); "
-                  f"pixel NCC {m['ncc']['flagged']}, Carlini ratio {m['carlini']['flagged']}", highlight=False)
+    console.print(f"{verdict_line(rec)}; pixel NCC flags {m['ncc']['flagged']}, Carlini ratio {m['carlini']['flagged']}",
+                  highlight=False)
     console.print(f"[green]wrote[/] {out}/report.html")
     if fail_on_copies and rec["copies"]:
         console.print(f"[red]copies found[/]: {rec['copies']} synthetic images copy training subjects "
