@@ -1,8 +1,8 @@
 """Validate the memorization audit on planted copies (issue 18).
 
-The prior's held-out subjects are split in two halves by subject: half A sets the threshold exactly
-as `mediff audit` does (as its --heldout), half B plays genuine new images (false alarms: a held-out
-patient flagged as a copy of a training patient). Planted copies are training images changed the way
+The prior's held-out subjects are split in two halves by subject (``--split-seeds``: one set of rows
+per halving): half A sets the threshold exactly as `mediff audit` does (as its --heldout), half B
+plays genuine new images (false alarms: a held-out patient flagged as a copy of a training patient). Planted copies are training images changed the way
 a leaked copy might be (`mediff.audit.perturb`: exact, flip, rotate 5 deg, noise, intensity), scored
 against the training set: recall per change and method. Target: recall >= 0.95 at <= 5 % false alarms.
 
@@ -21,10 +21,19 @@ import numpy as np
 import torch
 
 from common import machine, write_table
-from mediff.audit import METHODS, PERTURBATIONS, RULES, audit, perturb
-from mediff.embedding import EmbeddingConfig, embed, load_embedding
+from mediff.audit import METHODS, PERTURBATIONS, RULES, audit, features, perturb
+from mediff.data import SliceSet
+from mediff.embedding import EmbeddingConfig, load_embedding
 from mediff.prior import load_prior
 from mediff.privacy import fit_embedding, real_sets
+
+
+def halves(held: SliceSet, seed: int) -> tuple[SliceSet, SliceSet]:
+    """The held-out images split by subject into (calibration half, novel half)."""
+    subjects = np.unique(held.subjects)
+    pick = set(np.random.default_rng(seed).choice(subjects, size=len(subjects) // 2, replace=False).tolist())
+    in_a = np.array([s in pick for s in held.subjects.tolist()])
+    return held.subset(np.flatnonzero(in_a)), held.subset(np.flatnonzero(~in_a))
 
 
 def main() -> None:
@@ -33,19 +42,15 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data/ixi_t1/ixi_t1_axial_128.npz"))
     ap.add_argument("--n-planted", type=int, default=200, help="training images planted per perturbation")
     ap.add_argument("--embedding-steps", type=int, default=EmbeddingConfig.steps)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the embedding and the planted copies")
+    ap.add_argument("--split-seeds", default="0,1", help="seeds of the halving of the held-out subjects (rows each)")
+    ap.add_argument("--quantiles", default="0.95,0.98")
     ap.add_argument("--embedding", type=Path, help="reuse this embedding if it exists, else train one and save it here")
     ap.add_argument("--name", default="audit_brain_t1")
     args = ap.parse_args()
 
     meta = load_prior(args.model).meta
     train, held = real_sets(meta, args.data)
-    subjects = np.unique(held.subjects)
-    rng = np.random.default_rng(args.seed)
-    half_a = set(rng.choice(subjects, size=len(subjects) // 2, replace=False).tolist())
-    in_a = np.array([s in half_a for s in held.subjects.tolist()])
-    calib, novel = held.subset(np.flatnonzero(in_a)), held.subset(np.flatnonzero(~in_a))
-
     t0 = time.perf_counter()
     cfg = replace(EmbeddingConfig(), steps=args.embedding_steps)
     if args.embedding is not None and args.embedding.exists():
@@ -58,21 +63,23 @@ def main() -> None:
     planted = {k: perturb(train.images[pick], k, gen) for k in PERTURBATIONS}
 
     rows = []
-    for method in METHODS:
-        feats = (lambda x: embed(enc, x)) if method == "embedding" else (lambda x: x)
-        ref, cal, new = feats(train.images), feats(calib.images), feats(novel.images)
-        queried = {k: feats(v) for k, v in planted.items()}
-        for rule in RULES:
-            res = audit(method, ref, cal, new, rule=rule)
-            row = {"method": method, "threshold": rule, "tau": res.tau,
-                   "false_alarm": float(res.flagged.float().mean())}
-            for kind, q in queried.items():
-                res = audit(method, ref, cal, q, rule=rule)
-                row[f"recall_{kind}"] = float(res.flagged.float().mean())
-                row[f"source_{kind}"] = float((res.nearest == pick).float().mean())
-            rows.append(row)
+    for split in (int(v) for v in args.split_seeds.split(",")):
+        calib, novel = halves(held, split)
+        for method in METHODS:
+            ref, cal, new = (features(method, x, enc) for x in (train.images, calib.images, novel.images))
+            queried = {k: features(method, v, enc) for k, v in planted.items()}
+            for rule in RULES:
+                for quantile in (float(v) for v in args.quantiles.split(",")):
+                    res = audit(method, ref, cal, new, quantile, rule)
+                    row = {"split": split, "method": method, "threshold": rule, "quantile": quantile, "tau": res.tau,
+                           "false_alarm": float(res.flagged.float().mean())}
+                    for kind, q in queried.items():
+                        res = audit(method, ref, cal, q, quantile, rule)
+                        row[f"recall_{kind}"] = float(res.flagged.float().mean())
+                        row[f"source_{kind}"] = float((res.nearest == pick).float().mean())
+                    rows.append(row)
     write_table(args.name, rows, {"model": args.model, "data": str(args.data), "n_train": int(train.images.shape[0]),
-                                  "n_calibration": int(calib.images.shape[0]), "n_novel": int(novel.images.shape[0]), "n_planted": args.n_planted,
+                                  "n_heldout": int(held.images.shape[0]), "n_planted": args.n_planted,
                                   "embedding": cfg.__dict__, "embedding_train_s": round(train_s, 1), "seed": args.seed,
                                   **machine()})
 

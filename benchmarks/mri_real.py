@@ -21,7 +21,9 @@ reconstruction), which ``mediff reconstruct`` spends before any method; ``second
 The phase the solvers reconstruct through is compared on ``--phase-methods``: the pipeline's
 (``recon.mri.data_phase``, rows named by the solver), the fully-sampled centre's low-resolution
 phase (``solver/centre-phase``, the previous design) and the fully-sampled image's phase
-(``solver/oracle-phase``, a diagnosis only: it needs the reference).
+(``solver/oracle-phase``, a diagnosis only: it needs the reference). ``true-maps`` (``ixi+phase``
+only, whose coils are simulated) replaces the ESPIRiT maps estimated from the data with the true
+sensitivities, the phase again from the pipeline: the cost of estimating the maps.
 
     python benchmarks/mri_real.py --data ../shared/data --accels 4,8
 """
@@ -49,7 +51,7 @@ from mediff.physics.mri import MultiCoilMRI, fft2c, ifft2c, lowres_phase, simula
 from mediff.physics.operators import Composed
 from mediff.prior import load_prior
 from mediff.recon import MRIOptions, MRITask, prepare_mri, run_solver
-from mediff.recon.mri import calib_region
+from mediff.recon.mri import calib_region, data_phase
 from mediff.solvers import SOLVERS
 
 REAL_MRI = "real_mri"
@@ -62,9 +64,13 @@ def _family(case: str) -> str:
     return case.rstrip("0123456789")
 
 
-def _write_h5(path: Path, kspace: np.ndarray) -> Path:
+def _write_h5(path: Path, kspace: np.ndarray, true_maps: np.ndarray | None = None) -> Path:
+    """A fastMRI-style file; ``true_maps`` (C, H, W), the simulated coils' sensitivities, go in a
+    dataset of their own that only this benchmark reads (the ``true-maps`` variant)."""
     with h5py.File(path, "w") as f:
         f["kspace"] = kspace.astype(np.complex64)
+        if true_maps is not None:
+            f["true_coil_maps"] = true_maps.astype(np.complex64)
     return path
 
 
@@ -107,10 +113,11 @@ def ixi_phase_cases(prior, data: Path, tmp: Path, n: int) -> list[tuple[str, Pat
     for i, im in enumerate(imgs):
         ph = _phase_map(phases[i % len(phases)], im.shape[0])
         x = (torch.from_numpy(im) * ph)[None, None].to(torch.complex64)
-        full = simulate_kspace(x, np.ones(im.shape, bool), coil_maps=simulate_coil_maps(im.shape, 8, seed=i),
+        maps = simulate_coil_maps(im.shape, 8, seed=i)
+        full = simulate_kspace(x, np.ones(im.shape, bool), coil_maps=maps,
                                noise_sigma=IXI_NOISE * float(np.percentile(im, 99.5)),
                                generator=torch.Generator().manual_seed(i))
-        cases.append((f"ixi+phase{i + 1}", _write_h5(tmp / f"ixi{i + 1}.h5", full[0].numpy())))
+        cases.append((f"ixi+phase{i + 1}", _write_h5(tmp / f"ixi{i + 1}.h5", full[0].numpy(), maps.numpy())))
     return cases
 
 
@@ -137,6 +144,16 @@ def oracle_phase(task: MRITask, path: Path) -> torch.Tensor:
                           else coil)
 
     return _on_working_grid(task, combined)
+
+
+def true_maps(task: MRITask, path: Path) -> MRITask | None:
+    """The task with the simulated coils' true sensitivities in place of ESPIRiT's, and the pipeline's
+    phase through them (``data_phase``); None for a file without them (measured data) or a padded grid."""
+    with h5py.File(path) as f:
+        if "true_coil_maps" not in f or isinstance(task.op, Composed):
+            return None
+        op = MultiCoilMRI(task.mask, torch.from_numpy(f["true_coil_maps"][()]))
+    return dataclasses.replace(task, op=op, phase=data_phase(op, task.y), support=None)
 
 
 def figure(name: str, task: MRITask, images: dict[str, torch.Tensor]) -> Path:
@@ -175,12 +192,14 @@ def run_case(prior, name: str, path: Path, accel: float, seed: int, methods: lis
     task = prepare_mri(path, prior.image_size, MRIOptions(accel=accel), seed=seed)
     base = {"case": name, "grid": "x".join(map(str, task.shape)), "coils": task.info["coils"], "accel": accel,
             "prepare_s": time.perf_counter() - t0}
-    phases = {"centre-phase": lambda: centre_phase(task), "oracle-phase": lambda: oracle_phase(task, path)}
+    variants = {"centre-phase": lambda: dataclasses.replace(task, phase=centre_phase(task)),
+                "oracle-phase": lambda: dataclasses.replace(task, phase=oracle_phase(task, path)),
+                "true-maps": lambda: true_maps(task, path)}
+    made = {p: variants[p]() for p in phase_methods}
     rows, images = [], {}
     for m in methods:
-        variants = [("", task)] + [(f"/{p}", dataclasses.replace(task, phase=phases[p]())) for p in phase_methods
-                                   if m in SOLVERS]
-        for suffix, t in variants:
+        tasks = [("", task)] + [(f"/{p}", t) for p, t in made.items() if t is not None and m in SOLVERS]
+        for suffix, t in tasks:
             r = run_solver(t, m, prior, steps, seed=seed)
             rows.append({**base, "method": m + suffix, **t.score(r.mean), "seconds": r.seconds, "NFE": r.nfe})
             print(json.dumps(rows[-1]), flush=True)

@@ -10,8 +10,8 @@ import torch
 
 from cli_helpers import assert_one_line_error, blob_slices, run_cli
 from mediff import audit as A
-from mediff.embedding import (EmbeddingConfig, augment, embed, load_embedding, nt_xent, prepare, save_embedding,
-                              train_embedding)
+from mediff.embedding import (VIEWS, EmbeddingConfig, augment, embed, load_embedding, nt_xent, prepare,
+                              save_embedding, train_embedding)
 from mediff.errors import MediffError
 
 TINY = EmbeddingConfig(size=32, width=8, steps=4, batch=16)
@@ -22,6 +22,10 @@ def _images(n: int, seed: int, size: int = 16) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((n, 1, size, size), generator=g)
     return torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1)
+
+
+def _px(x: torch.Tensor) -> torch.Tensor:
+    return A.features("ncc", x)
 
 
 def test_pearson_matches_numpy() -> None:
@@ -47,6 +51,7 @@ def test_nearest_finds_the_copy_and_carlini_ratio_is_largest_for_it() -> None:
 def test_audit_flags_planted_copies_and_sets_its_threshold(method: str, rule: str) -> None:
     train, held, new = _images(200, 0), _images(100, 1), _images(50, 2)
     synthetic = torch.cat([train[:10] + 0.01 * _images(10, 3), new])
+    train, held, synthetic = _px(train), _px(held), _px(synthetic)
     res = A.audit(method, train, held, synthetic, quantile=0.95, rule=rule)
     null, _ = A.score(method, held, train) if rule == "heldout" else A.score(method, train, held)
     assert res.tau == pytest.approx(float(torch.quantile(null.double(), 0.95)))
@@ -58,7 +63,7 @@ def test_heldout_threshold_keeps_false_alarms_at_the_quantile_where_dars_rule_do
     """With far more training than held-out images, a new image's best match among the training set
     beats a training image's best match among the few held-out ones: Dar et al.'s rule then flags
     many genuinely new images; scoring held-out images against the training set does not."""
-    train, held = _images(600, 0), _images(80, 1)
+    train, held = _px(_images(600, 0)), _px(_images(80, 1))
     groups = np.repeat(np.arange(8), 10)
     fa = {rule: A.cross_validated_false_alarm("ncc", train, held, groups, 0.95, rule) for rule in A.RULES}
     assert fa["heldout"] <= 0.15 and fa["dar"] >= 0.3, fa
@@ -66,17 +71,21 @@ def test_heldout_threshold_keeps_false_alarms_at_the_quantile_where_dars_rule_do
 
 
 def test_audit_rejects_bad_input() -> None:
-    x = _images(4, 0)
-    with pytest.raises(MediffError, match="differ in shape"):
-        A.audit("ncc", x, x, _images(4, 0, size=8))
+    x = _px(_images(4, 0))
+    with pytest.raises(MediffError, match="differ in size"):
+        A.audit("ncc", x, x, _px(_images(4, 0, size=8)))
     with pytest.raises(MediffError, match="synthetic"):
-        A.audit("ncc", x, x, x[:0])
+        A.audit("ncc", x, x, x[:, :0])
+    with pytest.raises(MediffError, match="feature stacks"):
+        A.audit("ncc", x[0], x[0], x[0])
     with pytest.raises(MediffError, match="unknown audit method"):
         A.score("ssim", x, x)
+    with pytest.raises(MediffError, match="needs an encoder"):
+        A.features("embedding", _images(4, 0))
 
 
 def test_agreement_and_perturbations() -> None:
-    r = A.audit("ncc", _images(30, 0), _images(30, 1), _images(30, 0))
+    r = A.audit("ncc", _px(_images(30, 0)), _px(_images(30, 1)), _px(_images(30, 0)))
     assert A.agreement(r, r)["kappa"] == pytest.approx(1.0)
     g = torch.Generator().manual_seed(0)
     x = _images(3, 4)
@@ -86,6 +95,20 @@ def test_agreement_and_perturbations() -> None:
     assert torch.equal(A.perturb(x, "flip", g).flip(-1), x)
     with pytest.raises(MediffError, match="unknown perturbation"):
         A.perturb(x, "blur", g)
+
+
+def test_the_best_view_undoes_a_rotation_or_flip() -> None:
+    """A query's score is its best view's, matched against the reference images themselves."""
+    ref = _images(20, 0, size=32)
+    views = torch.stack([ref.flip(-1).flatten(1), ref.flatten(1)])  # view 0 flipped, view 1 the image
+    v, i = A.score("ncc", views, A.features("ncc", ref))
+    assert i.tolist() == list(range(20)) and torch.allclose(v, torch.ones(20), atol=1e-5)
+    x = _images(4, 0, size=32)
+    enc = train_embedding(x, TINY, seed=0)
+    stack = A.features("embedding", x, enc)
+    assert stack.shape == (len(VIEWS), 4, TINY.dim) and torch.equal(stack[0], embed(enc, x))
+    flipped = A.features("embedding", x.flip(-1), enc)
+    assert torch.allclose(flipped[3], stack[0], atol=1e-4)  # VIEWS[3] flips back: the image itself
 
 
 def test_embedding_prepare_and_augment() -> None:
@@ -193,3 +216,21 @@ def test_cli_audit_bad_input(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     code, _, err = _audit(prior, data, tmp_path / "c", "--synthetic", tmp_path / "small.npz")
     assert_one_line_error(code, err, "shape")
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("name", ["ct", "brain-t1"])
+def test_shipped_embedding_is_trained_on_its_priors_data(name: str) -> None:
+    """`mediff audit --model NAME` uses the shipped embedding only for the data its prior learnt."""
+    from mediff.embedding import shipped_embedding
+    from mediff.prior import load_prior
+    from mediff.privacy import embedding_for
+
+    path = shipped_embedding(name)
+    assert path is not None, f"no embedding shipped for {name}"
+    enc, info = load_embedding(path)
+    meta = load_prior(name).meta
+    assert info["model"] == name and info["data_fingerprint"] == meta.data.fingerprint
+    assert info["n_images"] == meta.data.n_train_slices
+    x = _images(4, 0, size=meta.image_size)
+    got, got_info = embedding_for(None, name, x, meta.data.fingerprint, TINY, 0, Path("unused"), {})
+    assert got_info["shipped"] and torch.equal(embed(got, x), embed(enc, x))

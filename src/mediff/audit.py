@@ -4,7 +4,9 @@ Every score here compares a *query* image with a *reference* set and says how mu
 like a copy of its closest reference image (higher = more copy-like):
 
 - ``embedding``: the Pearson correlation of embeddings (:mod:`mediff.embedding`), maximised over the
-  reference set (Dar et al.).
+  reference set (Dar et al.) and over the query's views (``embedding.VIEWS``: +-5 degree rotations
+  and a left-right flip), so a copy that was rotated or mirrored is matched in the view that undoes
+  it rather than left to the embedding's partial invariance.
 - ``ncc``: the normalised cross-correlation of the pixels (zero shift), maximised over the reference
   set: a pixel-space baseline, blind to flips and rotations.
 - ``carlini``: minus the ratio of the l2 distance to the nearest reference image to the mean distance
@@ -23,7 +25,8 @@ subject) it is closest to. Two rules say which real scores (``RULES``):
   a training image's best match among the few held-out images, and this rule flags many genuinely
   new images (measured by ``benchmarks/audit.py``; the test suite shows it on random images).
 
-Shapes: images (N, 1, H, W) in one set of units (the prior's); embeddings (N, D); scores (N,).
+Shapes: images (N, 1, H, W) in one set of units (the prior's); feature stacks (V, N, D), V views of
+N images (``features``; V = 1 for the pixel methods); scores (N,).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mediff.embedding import Encoder, embed_views, transform
 from mediff.errors import MediffError
 
 METHODS = ("embedding", "ncc", "carlini")
@@ -89,14 +93,35 @@ def carlini_score(query: Tensor, reference: Tensor, n: int = CARLINI_N) -> tuple
     return torch.cat(vals), torch.cat(idx)
 
 
-def score(method: str, query: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
-    """(copy score (Nq,), index of the closest reference item (Nq,)) of ``method`` (see module doc):
-    images for ncc / carlini, embeddings for embedding."""
-    if method in ("embedding", "ncc"):
-        return nearest_correlation(query, reference)
-    if method == "carlini":
-        return carlini_score(query, reference)
+def features(method: str, images: Tensor, encoder: Encoder | None = None) -> Tensor:
+    """The feature stack (V, N, D) of images (N, 1, H, W) that ``method`` compares: the embeddings of
+    each image under each of ``embedding.VIEWS`` (view 0: the image itself) for ``embedding``; the
+    flattened pixels (1, N, H*W) for the pixel methods."""
+    if method == "embedding":
+        if encoder is None:
+            raise MediffError("the embedding method needs an encoder")
+        return embed_views(encoder, images)
+    if method in METHODS:
+        return images.flatten(1).float()[None]
     raise MediffError(f"unknown audit method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def score(method: str, query: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+    """(copy score (Nq,), index of the closest reference item (Nq,)) of ``method`` (module doc) for
+    feature stacks (``features``): each query's best view against the reference images themselves
+    (view 0), so a copy that was rotated or flipped is matched in the view that undoes it."""
+    if method not in METHODS:
+        raise MediffError(f"unknown audit method {method!r}; choose from {', '.join(METHODS)}")
+    one = carlini_score if method == "carlini" else nearest_correlation
+    best, where = None, None
+    for view in query:
+        v, i = one(view, reference[0])
+        if best is None:
+            best, where = v, i
+        else:
+            better = v > best
+            best, where = torch.where(better, v, best), torch.where(better, i, where)
+    return best, where
 
 
 @dataclass(frozen=True)
@@ -131,15 +156,17 @@ def null_scores(method: str, train: Tensor, heldout: Tensor, rule: str = "heldou
 def audit(method: str, train: Tensor, heldout: Tensor, synthetic: Tensor, quantile: float = 0.95,
           rule: str = "heldout") -> AuditResult:
     """Audit ``synthetic`` against ``train`` with the threshold set on ``heldout`` by ``rule`` (module
-    doc). Inputs are embeddings (N, D) for ``embedding`` and images (N, 1, H, W) for the pixel methods."""
+    doc). Inputs are feature stacks (V, N, D) of each set (``features``)."""
     if not 0 < quantile < 1:
         raise MediffError(f"quantile must be in (0, 1), got {quantile}")
     for name, x in (("training", train), ("held-out", heldout), ("synthetic", synthetic)):
-        if x.shape[0] == 0:
+        if x.dim() != 3:
+            raise MediffError(f"audit inputs are feature stacks (V, N, D), got {name} of shape {tuple(x.shape)}")
+        if x.shape[1] == 0:
             raise MediffError(f"the audit needs {name} images, got none")
-    if not train.shape[1:] == heldout.shape[1:] == synthetic.shape[1:]:
-        raise MediffError(f"audit inputs differ in shape: training {tuple(train.shape[1:])}, held-out "
-                          f"{tuple(heldout.shape[1:])}, synthetic {tuple(synthetic.shape[1:])}")
+    if not train.shape[2] == heldout.shape[2] == synthetic.shape[2]:
+        raise MediffError(f"audit inputs differ in size: training {train.shape[2]}, held-out {heldout.shape[2]}, "
+                          f"synthetic {synthetic.shape[2]} features per image")
     null = null_scores(method, train, heldout, rule)
     scores, nearest = score(method, synthetic, train)
     return AuditResult(method, rule, float(torch.quantile(null.double(), quantile)), quantile, null, scores, nearest)
@@ -158,8 +185,8 @@ def cross_validated_false_alarm(method: str, train: Tensor, heldout: Tensor, gro
     rates = []
     for calib in (first, ~first):
         c, t = torch.as_tensor(np.flatnonzero(calib)), torch.as_tensor(np.flatnonzero(~calib))
-        tau = float(torch.quantile(null_scores(method, train, heldout[c], rule).double(), quantile))
-        rates.append(float((score(method, heldout[t], train)[0] > tau).float().mean()))
+        tau = float(torch.quantile(null_scores(method, train, heldout[:, c], rule).double(), quantile))
+        rates.append(float((score(method, heldout[:, t], train)[0] > tau).float().mean()))
     return float(np.mean(rates))
 
 
@@ -189,9 +216,5 @@ def perturb(images: Tensor, kind: str, generator: torch.Generator) -> Tensor:
     if kind == "rotate":
         n = images.shape[0]
         sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-        a = sign * math.radians(5.0)
-        theta = torch.stack([torch.stack([a.cos(), -a.sin(), torch.zeros(n)], 1),
-                             torch.stack([a.sin(), a.cos(), torch.zeros(n)], 1)], 1)
-        grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-        return F.grid_sample(images, grid, padding_mode="zeros", align_corners=False)
+        return transform(images, sign * math.radians(5.0), torch.zeros(n, dtype=torch.bool))
     raise MediffError(f"unknown perturbation {kind!r}; choose from {', '.join(PERTURBATIONS)}")

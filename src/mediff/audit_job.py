@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mediff import audit as A
-from mediff.embedding import EmbeddingConfig, embed
+from mediff.embedding import EmbeddingConfig
 from mediff.prior_meta import PriorMeta
 from mediff.privacy import embedding_for, real_sets
 from mediff.report import Panel, histogram_chart, write_report
@@ -51,12 +51,10 @@ def run_audit(req: AuditRequest, out: Path) -> dict:
             "n_images": int(train.images.shape[0]), "seed": req.seed}
     enc, enc_info = embedding_for(req.embedding, req.model, train.images, train.fingerprint, req.config, req.seed,
                                   out / "embedding.safetensors", info)
-    feats = {"embedding": lambda x: embed(enc, x), "ncc": lambda x: x, "carlini": lambda x: x}
     results, false_alarm = {}, {}
     for method in A.METHODS:
-        f = feats[method]
-        tr, he = f(train.images), f(held.images)
-        results[method] = A.audit(method, tr, he, f(req.synthetic), req.quantile, req.rule)
+        tr, he = A.features(method, train.images, enc), A.features(method, held.images, enc)
+        results[method] = A.audit(method, tr, he, A.features(method, req.synthetic, enc), req.quantile, req.rule)
         false_alarm[method] = A.cross_validated_false_alarm(method, tr, he, held.subjects, req.quantile, req.rule)
     main = results["embedding"]
     copies = [_copy_row(k, main, train.subjects) for k in torch.nonzero(main.flagged).flatten().tolist()]

@@ -88,19 +88,25 @@ def prepare(images: Tensor, size: int) -> Tensor:
     return (x - mean) / std.clamp_min(1e-6)
 
 
-def augment(x: Tensor, cfg: EmbeddingConfig, gen: torch.Generator) -> Tensor:
-    """Random rotation in [-rotate_deg, rotate_deg] and horizontal / vertical flips, each applied with
-    probability ``cfg.p`` per image (Dar et al.'s augmentations), on prepared images (N, 1, S, S)."""
+def transform(x: Tensor, angle: Tensor, flip_lr: Tensor, flip_ud: Tensor | None = None) -> Tensor:
+    """Images (N, 1, H, W) rotated by ``angle`` (N,) radians about their centre, after left-right
+    ``flip_lr`` (N,) and up-down ``flip_ud`` (N,) bool flips (bilinear, zeros outside)."""
     n = x.shape[0]
-    draw = torch.rand((n, 3), generator=gen) < cfg.p
-    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(cfg.rotate_deg) * draw[:, 0]
-    sx = torch.where(draw[:, 1], -1.0, 1.0)
-    sy = torch.where(draw[:, 2], -1.0, 1.0)
+    sx = torch.where(flip_lr, -1.0, 1.0)
+    sy = torch.ones(n) if flip_ud is None else torch.where(flip_ud, -1.0, 1.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack([torch.stack([cos * sx, -sin * sy, torch.zeros(n)], 1),
                          torch.stack([sin * sx, cos * sy, torch.zeros(n)], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
+
+
+def augment(x: Tensor, cfg: EmbeddingConfig, gen: torch.Generator) -> Tensor:
+    """Random rotation in [-rotate_deg, rotate_deg] and horizontal / vertical flips, each applied with
+    probability ``cfg.p`` per image (Dar et al.'s augmentations), on prepared images (N, 1, S, S)."""
+    draw = torch.rand((x.shape[0], 3), generator=gen) < cfg.p
+    angle = (torch.rand(x.shape[0], generator=gen) * 2 - 1) * math.radians(cfg.rotate_deg) * draw[:, 0]
+    return transform(x, angle, draw[:, 1], draw[:, 2])
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
@@ -151,6 +157,22 @@ def embed(encoder: Encoder, images: Tensor, batch: int = 512) -> Tensor:
     encoder.eval()
     out = [encoder(prepare(images[i:i + batch], encoder.cfg.size)) for i in range(0, images.shape[0], batch)]
     return torch.cat(out).float() if out else torch.zeros(0, encoder.cfg.dim)
+
+
+#: The views of a query image :func:`embed_views` embeds, (rotation in degrees, left-right flip): the
+#: image itself first, then the changes a leaked copy may carry that the embedding is least blind to.
+VIEWS = ((0.0, False), (-5.0, False), (5.0, False), (0.0, True), (-5.0, True), (5.0, True))
+
+
+@torch.no_grad()
+def embed_views(encoder: Encoder, images: Tensor, views: tuple[tuple[float, bool], ...] = VIEWS) -> Tensor:
+    """Embeddings (V, N, dim) of each image (N, 1, H, W) under each of ``views`` (rotation degrees,
+    left-right flip); view 0 should be the image itself (``VIEWS``)."""
+    n = images.shape[0]
+    out = [embed(encoder, images if (deg, flip) == (0.0, False) else
+                 transform(images.float(), torch.full((n,), math.radians(deg)), torch.full((n,), flip)))
+           for deg, flip in views]
+    return torch.stack(out)
 
 
 def save_embedding(path: Path, encoder: Encoder, info: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
