@@ -21,8 +21,8 @@ def evaluate(
     synthetic: Path = typer.Option(..., help="A 'mediff sample' output folder, or images in any format --real takes."),
     out: Path = typer.Option(..., help="Output folder: metrics.json, report.html (and embedding.safetensors)."),
     size: Optional[int] = typer.Option(None, help="Image side in px (default: the synthetic samples')."),
-    intensity: Optional[str] = typer.Option(None, help="Units of the real images, as for 'mediff train': "
-                                            "percentile | hu | auto (default: those of the synthetic samples)."),
+    intensity: Optional[str] = typer.Option(None, help="Units, as for 'mediff train': percentile | hu | auto "
+                                            "(default: those of the synthetic samples; one for both sets)."),
     embedding: Optional[str] = typer.Option(None, metavar="PATH|train", help="A saved embedding (an earlier "
                                             "evaluate's or audit's embedding.safetensors) to compare runs on one "
                                             "feature space, or 'train' for a new one; default: the one shipped with "
