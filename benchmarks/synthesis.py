@@ -123,7 +123,8 @@ def main() -> None:
             "reference": {"images": int(ref.shape[0]), "subjects": len(set(held.subjects[idx_a].tolist()))},
             "embedding": {"file": str(args.cache / "embedding.safetensors"), "config": asdict(encoder.cfg),
                           "trained_on_images": int(train.images.shape[0])},
-            "samples": {"auto": {"path": str(args.auto), **auto_rec}, "noauto": {"path": str(args.noauto), **noauto_rec}},
+            "samples": {"auto": {"path": str(args.auto), **auto_rec},
+                        "noauto": {"path": str(args.noauto), **noauto_rec}},
             "n": n, "k": 5, "pairs": args.pairs, "seconds": {"embedding": t_embed, "guide_sampling": t_guide,
                                                                "metrics": time.time() - t0},
             "machine": machine()}

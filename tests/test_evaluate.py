@@ -19,7 +19,8 @@ SIZE = 32
 def as_samples(folder: Path, images: np.ndarray) -> Path:
     """A 'mediff sample'-style output of images (N, S, S) in normalised units, no sampler run."""
     folder.mkdir()
-    write_samples(folder, torch.from_numpy(images.astype(np.float32))[:, None], {"model": "test", "units": "normalised"})
+    write_samples(folder, torch.from_numpy(images.astype(np.float32))[:, None],
+                  {"model": "test", "units": "normalised"})
     return folder
 
 

@@ -4,9 +4,12 @@ The real images are split by subject into two halves (seeded). Half A is the ref
 the synthetic set are each compared with it, on the same number of images ``n`` (the smaller set's
 size; the larger is subsampled, seeded). Half B is what a perfect generator would score at that
 ``n``: the Fréchet distance's floor (it has a positive small-sample bias) and precision / recall
-near 1. Feature-space metrics use an embedding trained on the real images here (both halves), or
-the one given, so that runs written with one embedding file can be compared
-(:mod:`mediff.synthesis_metrics`).
+near 1. Precision / recall / density / coverage also take ``n`` images of the reference: their
+k-NN radii shrink as a set grows (against all 5146 reference IXI slices, 200 real slices of other
+subjects had a coverage of 0.15; against 200 of them, 0.99). Feature-space metrics use the
+embedding given, the one shipped with the samples' prior when the real images are its training
+data, or one trained here on the real images (both halves), saved so that runs can be compared on
+one feature space (:mod:`mediff.synthesis_metrics`).
 
 Units: images are in mediff's normalised units (MR: 1 = a slice's 99.5th percentile; CT: the HU
 window [-1000, 1000] -> [0, 1]), so MS-SSIM's data range is 1.
@@ -90,15 +93,18 @@ def evaluate_sets(encoder: Encoder, reference: Tensor, sets: dict[str, Tensor], 
                   pairs: int = 1000, seed: int = 0) -> list[dict]:
     """One metrics row per named set (N, 1, S, S) against ``reference`` (M, 1, S, S), each set
     subsampled to ``n`` images (seeded) so that the rows are comparable: set, n, FD (squared
-    embedding units), precision, recall, density, coverage, its MS-SSIM and the reference's own."""
+    embedding units, against the whole reference), precision, recall, density, coverage (against
+    ``n`` reference images, one seeded subsample for every row: both sets of PRDC have one size, as
+    in Naeem et al.), its MS-SSIM and the reference's own."""
     ref = embed(encoder, reference)
+    ref_n = subsample(ref, n, torch.Generator().manual_seed(seed))
     real_ms = ms_ssim_diversity(reference, pairs, torch.Generator().manual_seed(seed))
     rows = []
     for i, (name, images) in enumerate(sets.items()):
         x = subsample(images, n, torch.Generator().manual_seed(seed + 1 + i))
         feats = embed(encoder, x)
         ms = ms_ssim_diversity(x, pairs, torch.Generator().manual_seed(seed))
-        rows.append({"set": name, "n": int(x.shape[0]), "FD": frechet_distance(ref, feats), **prdc(ref, feats, k),
+        rows.append({"set": name, "n": int(x.shape[0]), "FD": frechet_distance(ref, feats), **prdc(ref_n, feats, k),
                      "MS-SSIM": ms, "real MS-SSIM": real_ms})
     return rows
 
@@ -164,7 +170,8 @@ def write_evaluate_report(path: Path, rec: dict, real: Tensor, synthetic: Tensor
     notes = [FEATURE_NOTE,
              f"The real images are split by subject: {rec['reference']['subjects']} subjects are the reference, "
              f"the other {rec['other_half']['subjects']} give the real-vs-real row, what a perfect generator "
-             f"would score on n = {rec['rows'][0]['n']} images (every row uses that n). FD: lower is better, "
+             f"would score on n = {rec['rows'][0]['n']} images (every row uses that n; precision, recall, density "
+             "and coverage use n reference images too). FD: lower is better, "
              "the real row is its floor; precision / recall / coverage: higher is better, near 1 for real "
              "data; density: about 1 when the distributions match.",
              f"MS-SSIM: mean over {rec['pairs']} random pairs within a set ({MS_SSIM_KERNEL} px window, "

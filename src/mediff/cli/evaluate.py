@@ -46,7 +46,8 @@ def evaluate(
         raise MediffError(f"--epochs must be positive, got {epochs}")
     cfg = replace(EmbeddingConfig(), epochs=epochs)
     req = EvaluateRequest(real=real, synthetic=synthetic, size=size, intensity=intensity, embedding=embedding,
-                          embedding_config=cfg, k=k, pairs=pairs, seed=seed, command=" ".join(["mediff", *sys.argv[1:]]))
+                          embedding_config=cfg, k=k, pairs=pairs, seed=seed,
+                          command=" ".join(["mediff", *sys.argv[1:]]))
     with output_dir(out, overwrite) as tmp:
         rec = run_evaluate(req, tmp)
     print_metrics(rec["rows"])
