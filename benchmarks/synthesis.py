@@ -8,10 +8,12 @@ subjects (``meta.data.val_subjects``, never seen by the prior or the embedding) 
 halves by subject: half A is the reference of every row, half B the real-vs-real row (the floor of
 FD, precision / recall near 1). Every row is scored on the same number of images ``n``.
 
-Rows: real half B; brain-t1 samples with the shipped autoguidance and without (``--autoguidance 1``),
-from ``mediff sample`` folders; the autoguided samples blurred by a Gaussian (sigma ``--blur`` px), a
-degraded generator; and the shipped guide model alone (the early checkpoint), sampled here with the
-same sampler when ``--guide-n`` > 0.
+Rows: real half B; real slices of the training subjects (many subjects, as the prior's samples
+model them, but seen by the prior and the embedding); brain-t1 samples with the shipped
+autoguidance and without (``--autoguidance 1``), from ``mediff sample`` folders; the autoguided
+samples blurred by a Gaussian (sigmas ``--blur`` px), degraded generators; and the shipped guide
+model alone (the early checkpoint), sampled here with the same sampler when ``--guide-n`` > 0.
+FD and PRDC use the embedding's pooled backbone features (``mediff.evaluate.features``).
 
     python benchmarks/synthesis.py --data ../shared/data/ixi_t1/ixi_t1_axial_128.npz \
         --auto runs/syn/bt1-auto-dpm32 --noauto runs/syn/bt1-noauto-dpm32 [--guide-n 300] [--n 500]
@@ -90,7 +92,7 @@ def main() -> None:
                     "and written) and of the guide's samples")
     ap.add_argument("--n", type=int, default=500, help="images per row (at most)")
     ap.add_argument("--guide-n", type=int, default=300, help="guide-alone samples (0: no guide row)")
-    ap.add_argument("--blur", type=float, default=1.0, help="Gaussian blur std (px) of the degraded row")
+    ap.add_argument("--blur", default="1,2", help="Gaussian blur stds (px) of the degraded rows, comma-separated")
     ap.add_argument("--pairs", type=int, default=1000, help="MS-SSIM pairs per row")
     ap.add_argument("--name", default="synthesis")
     args = ap.parse_args()
@@ -107,9 +109,10 @@ def main() -> None:
     noauto, noauto_rec = samples(args.noauto)
     weight = (auto_rec.get("autoguidance") or {}).get("weight")
     sets = {"real, held-out half B": held.images[torch.from_numpy(idx_b)],
+            "real, training subjects": train.images,
             f"brain-t1, autoguidance w={weight}": auto,
-            "brain-t1, no autoguidance": noauto,
-            f"autoguided, blurred sigma={args.blur:g} px": blur(auto, args.blur)}
+            "brain-t1, no autoguidance": noauto}
+    sets.update({f"autoguided, blurred sigma={s:g} px": blur(auto, s) for s in map(float, args.blur.split(","))})
     t_guide = None
     if args.guide_n > 0:
         t0 = time.time()
