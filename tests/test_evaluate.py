@@ -127,3 +127,23 @@ def test_evaluate_bad_inputs_give_one_line_errors(case: dict[str, Path]) -> None
         assert not (root / "bad").exists()
     code, _, err = run_cli("evaluate", "--real", case["real"], "--synthetic", case["good"], "--out", case["ev"])
     assert_one_line_error(code, err, "--overwrite")
+
+
+def test_evaluate_uses_the_prior_s_shipped_embedding_for_its_training_data(case: dict[str, Path]) -> None:
+    """With no --embedding, the embedding shipped with the samples' prior ("test" here: the first run's
+    embedding, whose record holds the real file's fingerprint) is used; 'train' trains a new one."""
+    from unittest import mock
+
+    shipped = case["ev"] / "embedding.safetensors"
+    with mock.patch("mediff.privacy.shipped_embedding", lambda prior: shipped if prior == "test" else None):
+        code, _, err = run_cli("evaluate", "--real", case["real"], "--synthetic", case["good"], "--out",
+                               case["root"] / "shipped", "--pairs", 50)
+        assert code == 0, err
+        code, _, err = run_cli("evaluate", "--real", case["real"], "--synthetic", case["good"], "--out",
+                               case["root"] / "new", "--pairs", 50, "--epochs", 1, "--embedding", "train")
+        assert code == 0, err
+    rec = metrics(case["root"] / "shipped")
+    assert rec["embedding"]["file"] == "shipped with test" and rec["rows"] == metrics(case["ev"])["rows"]
+    assert not (case["root"] / "shipped" / "embedding.safetensors").exists()
+    assert metrics(case["root"] / "new")["embedding"]["config"]["epochs"] == 1
+    assert (case["root"] / "new" / "embedding.safetensors").is_file()
