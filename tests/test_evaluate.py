@@ -37,7 +37,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths = {"root": root, "real": root / "real.npz", "good": as_samples(root / "good", good),
              "noisy": as_samples(root / "noisy", noisy)}
     code, out, err = run_cli("evaluate", "--real", paths["real"], "--synthetic", paths["good"], "--out", root / "ev",
-                             "--pairs", 50, "--epochs", 2)
+                             "--pairs", 50, "--embedding-steps", 2)
     assert code == 0, err
     paths["ev"] = root / "ev"
     return paths
@@ -73,7 +73,7 @@ def test_evaluate_on_a_saved_embedding_repeats_the_numbers(case: dict[str, Path]
 
 def test_degraded_samples_score_worse(case: dict[str, Path]) -> None:
     """Noisy samples cover less of the real set (lower recall and coverage) and their MS-SSIM is farther
-    from the real value. Not precision, density or FD: this tiny embedding (2 epochs on 48 blobs) never
+    from the real value. Not precision, density or FD: this tiny embedding (2 steps on 48 blobs) never
     saw noise and maps noisy images into the middle of the real set, where 24 images in 128 dimensions
     have wide k-NN balls; those three are tested on Gaussians in test_synthesis_metrics and measured on
     real slices in benchmarks/synthesis.py."""
@@ -140,10 +140,10 @@ def test_evaluate_uses_the_prior_s_shipped_embedding_for_its_training_data(case:
                                case["root"] / "shipped", "--pairs", 50)
         assert code == 0, err
         code, _, err = run_cli("evaluate", "--real", case["real"], "--synthetic", case["good"], "--out",
-                               case["root"] / "new", "--pairs", 50, "--epochs", 1, "--embedding", "train")
+                               case["root"] / "new", "--pairs", 50, "--embedding-steps", 1, "--embedding", "train")
         assert code == 0, err
     rec = metrics(case["root"] / "shipped")
     assert rec["embedding"]["file"] == "shipped with test" and rec["rows"] == metrics(case["ev"])["rows"]
     assert not (case["root"] / "shipped" / "embedding.safetensors").exists()
-    assert metrics(case["root"] / "new")["embedding"]["config"]["epochs"] == 1
+    assert metrics(case["root"] / "new")["embedding"]["config"]["steps"] == 1
     assert (case["root"] / "new" / "embedding.safetensors").is_file()

@@ -28,7 +28,7 @@ def evaluate(
                                             "feature space, or 'train' for a new one; default: the one shipped with "
                                             "the samples' built-in prior when --real is its training data, else a "
                                             "new one trained on the real images."),
-    epochs: int = typer.Option(15, help="Epochs of embedding training."),
+    embedding_steps: int = typer.Option(500, help="Optimiser steps when training the embedding."),
     k: int = typer.Option(5, help="Nearest neighbours for precision / recall / density / coverage."),
     pairs: int = typer.Option(1000, help="Random image pairs for MS-SSIM diversity."),
     seed: int = typer.Option(0, help="Seed of the subject split, subsampling, pairs and embedding training."),
@@ -42,9 +42,9 @@ def evaluate(
     from mediff.evaluate import EvaluateRequest, run_evaluate
 
     check_output(out, overwrite)
-    if epochs < 1:
-        raise MediffError(f"--epochs must be positive, got {epochs}")
-    cfg = replace(EmbeddingConfig(), epochs=epochs)
+    if embedding_steps < 1:
+        raise MediffError(f"--embedding-steps must be positive, got {embedding_steps}")
+    cfg = replace(EmbeddingConfig(), steps=embedding_steps)
     req = EvaluateRequest(real=real, synthetic=synthetic, size=size, intensity=intensity, embedding=embedding,
                           embedding_config=cfg, k=k, pairs=pairs, seed=seed,
                           command=" ".join(["mediff", *sys.argv[1:]]))
