@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from mediff.data import SliceSet, load_slices
@@ -82,19 +81,12 @@ def embedding_for(choice: str | None, prior: str, images: Tensor, fingerprint: s
 def synthetic_images(path: Path, meta: PriorMeta) -> Tensor:
     """Synthetic images (N, 1, S, S) in the prior's units from a ``mediff sample`` folder (its
     samples.npz) or any file / folder ``load_slices`` reads."""
-    npz = path / "samples.npz" if path.is_dir() else path
-    if npz.suffix == ".npz" and npz.is_file():
-        with np.load(npz) as z:
-            if "images" in z.files and "subject_index" not in z.files:
-                x = torch.from_numpy(z["images"].astype(np.float32))
-            elif "hu" in z.files and "patient_id" not in z.files:
-                x = torch.from_numpy(z["hu"].astype(np.float32))
-                x = ((x - meta.normalization["offset"]) / meta.normalization["scale"]).clamp_min(0)
-            else:
-                x = None
-        if x is not None:
-            if x.dim() != 3 or x.shape[-2:] != (meta.image_size, meta.image_size):
-                raise MediffError(f"{npz}: synthetic images of shape {tuple(x.shape)}, the prior's are "
-                                  f"(N, {meta.image_size}, {meta.image_size})")
-            return x[:, None]
+    from mediff.synthesis import read_samples
+
+    if (got := read_samples(path)) is not None:
+        x = got[0]
+        if x.shape[-2:] != (meta.image_size, meta.image_size):
+            raise MediffError(f"{path}: synthetic images of shape {tuple(x.shape)}, the prior's are "
+                              f"(N, 1, {meta.image_size}, {meta.image_size})")
+        return x
     return load_slices(path, size=meta.image_size, intensity=intensity_of(meta), min_foreground=0.0).images

@@ -99,3 +99,33 @@ def write_samples(folder: Path, images: Tensor, meta: dict, dicom: bool = False)
     if dicom:
         io.write_dicom(folder / "dicom", np.moveaxis(arr if ct else arr * 1000, 0, -1), modality="CT" if ct else "MR")
     (folder / "samples.json").write_text(json.dumps(meta, indent=2))
+
+
+def read_samples(path: Path) -> tuple[Tensor, dict, bool] | None:
+    """The images (N, 1, S, S) of a :func:`write_samples` output (its folder or its samples.npz) in
+    normalised units (CT: HU through the samples' own HU window, clipped at air like
+    :func:`mediff.data.load_slices`), the record of how they were made (``{}`` if it has none) and
+    whether they are CT (stored in HU).
+    None when ``path`` is not such an output, e.g. a training NPZ (it has subject labels)."""
+    from mediff.data import hu_normalization
+
+    npz = Path(path) / "samples.npz" if Path(path).is_dir() else Path(path)
+    if npz.suffix != ".npz" or not npz.is_file():
+        return None
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            if "subject_index" in z.files or "patient_id" in z.files:
+                return None
+            key = "images" if "images" in z.files else "hu" if "hu" in z.files else None
+            if key is None:
+                return None
+            arr = z[key].astype(np.float32)
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+    except (OSError, ValueError) as exc:
+        raise MediffError(f"cannot read {npz}: {exc}") from exc
+    if arr.ndim != 3 or arr.shape[0] == 0:
+        raise MediffError(f"{npz}: '{key}' must be a non-empty stack (N, H, W), got shape {arr.shape}")
+    x = torch.from_numpy(arr)
+    if key == "hu":
+        x = Normalization.from_dict(meta.get("normalization") or hu_normalization()).apply(x).clamp_min(0)
+    return x[:, None], meta, key == "hu"
