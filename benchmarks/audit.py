@@ -56,7 +56,9 @@ def main() -> None:
     if args.embedding is not None and args.embedding.exists():
         enc, _ = load_embedding(args.embedding)
     else:
-        enc = fit_embedding(train.images, cfg, args.seed, args.embedding)
+        enc = fit_embedding(train.images, cfg, args.seed, args.embedding,
+                            {"model": args.model, "trained_on": str(args.data), "data_fingerprint": train.fingerprint,
+                             "n_images": int(train.images.shape[0]), "seed": args.seed})
     train_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(args.seed)
     pick = torch.randperm(train.images.shape[0], generator=gen)[:args.n_planted]
@@ -79,7 +81,7 @@ def main() -> None:
                         row[f"source_{kind}"] = float((res.nearest == pick).float().mean())
                     rows.append(row)
     write_table(args.name, rows, {"model": args.model, "data": str(args.data), "n_train": int(train.images.shape[0]),
-                                  "n_heldout": int(held.images.shape[0]), "n_planted": args.n_planted,
+                                  "n_heldout": int(held.images.shape[0]), "n_planted": int(pick.numel()),
                                   "embedding": cfg.__dict__, "embedding_train_s": round(train_s, 1), "seed": args.seed,
                                   **machine()})
 

@@ -49,8 +49,8 @@ def audit_lines(name: str, meta: PriorMeta) -> list[str]:
     return [SECTION, "",
             f"{d['n_synthetic']} samples ({d['sampling']}) audited against the {d['n_train']} training slices of "
             f"{d['n_train_subjects']} subjects, the threshold set by the {d['n_heldout']} slices of the "
-            f"{d['n_heldout_subjects']} held-out subjects (the 95th percentile of their images' correlation with the "
-            "closest training image in a self-supervised embedding trained on the training slices, after Dar et al., "
+            f"{d['n_heldout_subjects']} held-out subjects (the {d['quantile']:.0%} quantile of their images' "
+            "correlation with the closest training image in a self-supervised embedding trained on the training slices, after Dar et al., "
             f"arXiv 2402.01054): {verdict}. The pixel-space NCC and Carlini et al.'s nearest-neighbour ratio run "
             "beside the embedding; the last column is the audit's false-alarm rate on new patients (threshold set on "
             "half of the held-out subjects, counted on the other half, both ways).", "", *rows, "",
@@ -63,12 +63,16 @@ def main(name: str, folder: Path, command: str) -> None:
     meta = load_prior(name).meta
     rec = json.loads((folder / "audit.json").read_text())
     samples = json.loads((Path(rec["synthetic"]) / "samples.json").read_text())
-    enc, info = load_embedding(folder / "embedding.safetensors")
+    used = folder / "embedding.safetensors"
+    enc, info = load_embedding(used if used.exists() else Path(rec["embedding"]["file"]))
+    info = {k: v for k, v in info.items() if k not in ("file", "shipped")}
+    if info.get("data_fingerprint") != meta.data.fingerprint:
+        raise SystemExit(f"the audit's embedding was not trained on {name}'s training data (its record: {info})")
     out = ROOT / "src" / "mediff" / "weights" / "embeddings" / f"{name}.safetensors"
     save_embedding(out, enc, info, dtype=torch.float16)
     out.with_suffix(".json").unlink()  # the sidecar is for runs, not for the package
     auto = samples.get("autoguidance")
-    summary = {k: rec[k] for k in ("n_synthetic", "threshold_rule", "n_train", "n_heldout", "n_train_subjects", "n_heldout_subjects",
+    summary = {k: rec[k] for k in ("n_synthetic", "threshold_rule", "quantile", "n_train", "n_heldout", "n_train_subjects", "n_heldout_subjects",
                                    "copies", "copied_subjects", "methods", "agreement")}
     summary.update(step=meta.step, command=command,
                    sampling=f"{samples['sampler']} {samples['steps']} steps, seed {samples['seed']}"

@@ -13,7 +13,7 @@ like a copy of its closest reference image (higher = more copy-like):
   to the ``n`` nearest (Carlini et al., arXiv 2301.13188, section 4: a copy is much closer to one
   training image than to the rest); a pixel-space baseline.
 
-A threshold ``tau`` is the ``quantile`` (0.95) of scores of real image pairs that are not copies, and a
+A threshold ``tau`` is the ``quantile`` (``QUANTILE``) of scores of real image pairs that are not copies, and a
 synthetic image scoring above it against the training set is flagged with the training image (and
 subject) it is closest to. Two rules say which real scores (``RULES``):
 
@@ -46,6 +46,11 @@ METHODS = ("embedding", "ncc", "carlini")
 CARLINI_N = 50
 PERTURBATIONS = ("exact", "flip", "rotate", "noise", "intensity")
 RULES = ("heldout", "dar")
+#: The default threshold quantile. A threshold set on a few held-out subjects varies with them, so
+#: its nominal false-alarm rate needs a margin: at 0.95 more than 5 % of other unseen subjects'
+#: images were flagged in benchmarks/audit.py, at 0.98 fewer, with every planted copy still found
+#: (copies score far above either threshold).
+QUANTILE = 0.98
 
 
 def _standardise(x: Tensor) -> Tensor:
@@ -153,7 +158,7 @@ def null_scores(method: str, train: Tensor, heldout: Tensor, rule: str = "heldou
     raise MediffError(f"unknown threshold rule {rule!r}; choose from {', '.join(RULES)}")
 
 
-def audit(method: str, train: Tensor, heldout: Tensor, synthetic: Tensor, quantile: float = 0.95,
+def audit(method: str, train: Tensor, heldout: Tensor, synthetic: Tensor, quantile: float = QUANTILE,
           rule: str = "heldout") -> AuditResult:
     """Audit ``synthetic`` against ``train`` with the threshold set on ``heldout`` by ``rule`` (module
     doc). Inputs are feature stacks (V, N, D) of each set (``features``)."""
@@ -173,7 +178,7 @@ def audit(method: str, train: Tensor, heldout: Tensor, synthetic: Tensor, quanti
 
 
 def cross_validated_false_alarm(method: str, train: Tensor, heldout: Tensor, groups: np.ndarray,
-                                quantile: float = 0.95, rule: str = "heldout") -> float:
+                                quantile: float = QUANTILE, rule: str = "heldout") -> float:
     """The fraction of real images of unseen subjects that the audit would flag, estimated out of
     sample: the held-out subjects (``groups`` (H,), e.g. subject ids) are split in two halves, the
     threshold set on one half flags the other, and the two ways are averaged. 0.0..1.0; NaN with

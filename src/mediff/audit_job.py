@@ -35,7 +35,7 @@ class AuditRequest:
     synthetic: Tensor
     heldout: Path | None = None
     embedding: str | None = None
-    quantile: float = 0.95
+    quantile: float = A.QUANTILE
     rule: str = "heldout"
     seed: int = 0
     config: EmbeddingConfig = field(default_factory=EmbeddingConfig)

@@ -67,15 +67,16 @@ def embedding_for(choice: str | None, prior: str, images: Tensor, fingerprint: s
     """The audit's embedding and its training record. ``choice``: a saved embedding's path; "train" to
     train one on ``images``; None for the one shipped with built-in prior ``prior`` when it was trained
     on the same data (``fingerprint``), else a new one. A trained embedding is written to ``out`` so
-    the audit can be repeated on the same feature space."""
+    the audit can be repeated on the same feature space. The record's ``file`` says which file it is."""
     if choice not in (None, "train"):
-        return load_embedding(Path(choice))
+        enc, known = load_embedding(Path(choice))
+        return enc, {**known, "file": str(choice)}
     shipped = shipped_embedding(prior) if choice is None else None
     if shipped is not None:
         enc, known = load_embedding(shipped)
         if known.get("data_fingerprint") == fingerprint:
-            return enc, {**known, "shipped": True}
-    return fit_embedding(images, cfg, seed, out, info), info
+            return enc, {**known, "shipped": True, "file": str(shipped)}
+    return fit_embedding(images, cfg, seed, out, info), {**info, "file": str(out)}
 
 
 def synthetic_images(path: Path, meta: PriorMeta) -> Tensor:
