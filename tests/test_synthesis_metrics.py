@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mediff.errors import MediffError
-from mediff.synthesis_metrics import MS_SSIM_WEIGHTS, frechet_distance, ms_ssim_diversity, ms_ssim_scales, prdc
+from mediff.synthesis_metrics import (MS_SSIM_WEIGHTS, frechet_distance, frechet_distance_inf, ms_ssim_diversity,
+                                     ms_ssim_scales, prdc)
 
 
 def gaussian(n: int, d: int, seed: int) -> torch.Tensor:
@@ -40,6 +41,20 @@ def test_frechet_distance_of_scaled_gaussians() -> None:
     """N(0, a^2 I) vs N(0, b^2 I) in D dimensions: D (a - b)^2."""
     x = whitened(500, 6, 3)
     assert frechet_distance(2.0 * x, 0.5 * x) == pytest.approx(6 * 1.5 ** 2, rel=1e-6)
+
+
+def test_frechet_distance_inf_removes_the_small_sample_bias() -> None:
+    """Two samples of one Gaussian: FD of 200 points in 32 dimensions sits well above 0 (its 1 / n
+    bias); extrapolated to an infinite set it is near 0, and a true shift survives it."""
+    ref, x = gaussian(20000, 32, 0), gaussian(200, 32, 1)
+    plain = frechet_distance(ref, x)
+    inf = frechet_distance_inf(ref, x, torch.Generator().manual_seed(0))
+    assert plain > 1.0 and abs(inf) < 0.25 * plain, (plain, inf)
+    shift = torch.full((32,), 0.5, dtype=torch.float64)
+    shifted = frechet_distance_inf(ref, x + shift, torch.Generator().manual_seed(0))
+    assert shifted - inf == pytest.approx(float(shift @ shift), rel=0.2)
+    with pytest.raises(MediffError, match="2 sizes"):
+        frechet_distance_inf(ref, x[:2], torch.Generator().manual_seed(0))
 
 
 def test_frechet_distance_rejects_bad_features() -> None:

@@ -30,7 +30,8 @@ from mediff.embedding import EmbeddingConfig, Encoder, prepare
 from mediff.errors import MediffError
 from mediff.privacy import embedding_for
 from mediff.synthesis import grid, read_samples
-from mediff.synthesis_metrics import MS_SSIM_KERNEL, ms_ssim_diversity, ms_ssim_scales, prdc, frechet_distance
+from mediff.synthesis_metrics import (MS_SSIM_KERNEL, frechet_distance, frechet_distance_inf, ms_ssim_diversity,
+                                       ms_ssim_scales, prdc)
 
 EMBEDDING_FILE = "embedding.safetensors"
 FEATURE_NOTE = ("Feature space: the pooled backbone of a contrastive (NT-Xent) CNN trained here on real medical "
@@ -105,7 +106,8 @@ def evaluate_sets(encoder: Encoder, reference: Tensor, sets: dict[str, Tensor], 
                   pairs: int = 1000, seed: int = 0) -> list[dict]:
     """One metrics row per named set (N, 1, S, S) against ``reference`` (M, 1, S, S), each set
     subsampled to ``n`` images (seeded) so that the rows are comparable: set, n, FD (squared
-    :func:`features` units, against the whole reference), precision, recall, density, coverage (against
+    :func:`features` units, against the whole reference) and FD_inf (the same extrapolated to an
+    infinite set, ``frechet_distance_inf``), precision, recall, density, coverage (against
     ``n`` reference images, one seeded subsample for every row: both sets of PRDC have one size, as
     in Naeem et al.), its MS-SSIM and the reference's own."""
     ref = features(encoder, reference)
@@ -116,7 +118,8 @@ def evaluate_sets(encoder: Encoder, reference: Tensor, sets: dict[str, Tensor], 
         x = subsample(images, n, torch.Generator().manual_seed(seed + 1 + i))
         feats = features(encoder, x)
         ms = ms_ssim_diversity(x, pairs, torch.Generator().manual_seed(seed))
-        rows.append({"set": name, "n": int(x.shape[0]), "FD": frechet_distance(ref, feats), **prdc(ref_n, feats, k),
+        rows.append({"set": name, "n": int(x.shape[0]), "FD": frechet_distance(ref, feats),
+                     "FD_inf": frechet_distance_inf(ref, feats, torch.Generator().manual_seed(seed)), **prdc(ref_n, feats, k),
                      "MS-SSIM": ms, "real MS-SSIM": real_ms})
     return rows
 
