@@ -189,7 +189,7 @@ def test_cli_audit_flags_copies_of_training_images(tiny: tuple[Path, Path], tmp_
     assert [c["train_index"] for c in rec["flagged"]] == [0, 1, 2]
     assert {"embedding", "ncc", "carlini"} == set(rec["methods"])
     html = (tmp_path / "a" / "report.html").read_text()
-    assert "COPY" in html and "Memorization audit" in html
+    assert "(flagged)" in html and "Memorization audit" in html
     # the saved embedding reproduces the audit
     code, _, err = _audit(prior, data, tmp_path / "b", "--synthetic", tmp_path / "syn.npz", "--embedding",
                           tmp_path / "a" / "embedding.safetensors")

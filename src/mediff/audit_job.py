@@ -51,10 +51,12 @@ def run_audit(req: AuditRequest, out: Path) -> dict:
             "n_images": int(train.images.shape[0]), "seed": req.seed}
     enc, enc_info = embedding_for(req.embedding, req.model, train.images, train.fingerprint, req.config, req.seed,
                                   out / "embedding.safetensors", info)
-    results, false_alarm = {}, {}
+    results, false_alarm, other = {}, {}, {}
     for method in A.METHODS:
         tr, he = A.features(method, train.images, enc), A.features(method, held.images, enc)
         results[method] = A.audit(method, tr, he, A.features(method, req.synthetic, enc), req.quantile, req.rule)
+        # the other rule's real scores, for the report's histograms (train / held-out / synthetic)
+        other[method] = A.null_scores(method, tr, he, "dar" if req.rule == "heldout" else "heldout")
         false_alarm[method] = A.cross_validated_false_alarm(method, tr, he, held.subjects, req.quantile, req.rule)
     main = results["embedding"]
     copies = [_copy_row(k, main, train.subjects) for k in torch.nonzero(main.flagged).flatten().tolist()]
@@ -68,7 +70,7 @@ def run_audit(req: AuditRequest, out: Path) -> dict:
         "flagged": copies, "embedding": enc_info,
     }
     (out / "audit.json").write_text(json.dumps(record, indent=2))
-    _write_report(out / "report.html", req, record, results, train.images, train.subjects)
+    _write_report(out / "report.html", req, record, results, other, train.images, train.subjects)
     return record
 
 
@@ -96,19 +98,21 @@ def _method_row(res: A.AuditResult, false_alarm: float) -> dict:
 
 
 def _write_report(path: Path, req: AuditRequest, record: dict, results: dict[str, A.AuditResult],
-                  train_images: Tensor, subjects: np.ndarray) -> None:
+                  other: dict[str, Tensor], train_images: Tensor, subjects: np.ndarray) -> None:
     """Histograms of every method's scores with its threshold, the synthetic images closest to a
     training image beside that image (flagged or not), and the method table."""
     main = results["embedding"]
-    null = {"heldout": "held-out vs training", "dar": "training vs held-out"}[req.rule] + " (sets the threshold)"
-    charts = [histogram_chart(f"{m} scores", {null: r.null.numpy(), "synthetic vs training": r.scores.numpy()},
+    names = {"heldout": "held-out vs training", "dar": "training vs held-out"}
+    null, alt = names[req.rule] + " (sets the threshold)", names["dar" if req.rule == "heldout" else "heldout"]
+    charts = [histogram_chart(f"{m} scores", {null: r.null.numpy(), alt: other[m].numpy(),
+                                              "synthetic vs training": r.scores.numpy()},
                               "Pearson correlation" if m != "carlini" else "-d1 / mean(d1..d50)", r.tau)
               for m, r in results.items()]
     order = torch.argsort(main.scores, descending=True)[:req.pairs].tolist()
     pairs = []
     for k in order:
         j = int(main.nearest[k])
-        tag = "COPY" if bool(main.flagged[k]) else "below threshold"
+        tag = "flagged" if bool(main.flagged[k]) else "below threshold"
         pairs += [Panel(f"synthetic {k} ({tag})", req.synthetic[k, 0].numpy(), vmin=0, vmax=1,
                         caption=f"r = {float(main.scores[k]):.3f}"),
                   Panel(f"training {j}", train_images[j, 0].numpy(), vmin=0, vmax=1,
