@@ -186,8 +186,9 @@ def figure(name: str, task: MRITask, images: dict[str, torch.Tensor]) -> Path:
 
 
 def run_case(prior, name: str, path: Path, accel: float, seed: int, methods: list[str],
-             phase_methods: list[str], steps: int, with_figure: bool) -> list[dict]:
-    """Every method on one case (and each solver through each of ``phase_methods``), and its figure."""
+             phase_methods: list[str], steps: int, figure_prefix: str | None) -> list[dict]:
+    """Every method on one case (and each solver through each of ``phase_methods``), and its figure
+    results/figures/PREFIX{name}_x{accel}.png unless ``figure_prefix`` is None."""
     t0 = time.perf_counter()
     task = prepare_mri(path, prior.image_size, MRIOptions(accel=accel), seed=seed)
     base = {"case": name, "grid": "x".join(map(str, task.shape)), "coils": task.info["coils"], "accel": accel,
@@ -204,8 +205,8 @@ def run_case(prior, name: str, path: Path, accel: float, seed: int, methods: lis
             rows.append({**base, "method": m + suffix, **t.score(r.mean), "seconds": r.seconds, "NFE": r.nfe})
             print(json.dumps(rows[-1]), flush=True)
             images[m + suffix] = r.mean
-    if with_figure:
-        figure(f"{name}_x{accel:g}", task, {k: v for k, v in images.items() if "/" not in k})
+    if figure_prefix is not None:
+        figure(f"{figure_prefix}{name}_x{accel:g}", task, {k: v for k, v in images.items() if "/" not in k})
     return rows
 
 
@@ -235,9 +236,11 @@ def main() -> None:
         rows, drawn = [], set()
         for accel in (float(a) for a in args.accels.split(",")):
             for i, (name, path) in enumerate(cases):
-                # one figure per family and acceleration
                 rows += run_case(prior, name, path, accel, i, methods, phase_methods, args.steps,
-                                 with_figure=(_family(name), accel) not in drawn)
+                                 # one figure per family and acceleration; a run under another --name
+                                 # prefixes its figures so it does not replace the README's
+                                 figure_prefix=None if (_family(name), accel) in drawn else
+                                 "" if args.name == "mri_real" else f"{args.name}_")
                 drawn.add((_family(name), accel))
     write_table(args.name, summarise(rows) + rows, {"machine": machine(), "steps": args.steps, "cases":
                 [c[0] for c in cases], "mask": "random1d, 8 % centre", "scored": "input grid vs fully-sampled"})
