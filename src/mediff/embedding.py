@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mediff.checkpoint import load_checkpoint, save_checkpoint, to_dtype
+from mediff.data import fit_to_size
 from mediff.errors import MediffError
 
 KIND = "mediff-embedding"
@@ -67,8 +68,12 @@ class Encoder(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Linear(8 * w, 8 * w), nn.SiLU(), nn.Linear(8 * w, cfg.dim))
 
+    def pooled(self, x: Tensor) -> Tensor:
+        """The backbone's globally pooled features (N, 8 * width), before the projection head."""
+        return self.features(x).mean(dim=(2, 3))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        return self.head(self.pooled(x))
 
 
 def prepare(images: Tensor, size: int) -> Tensor:
@@ -79,10 +84,8 @@ def prepare(images: Tensor, size: int) -> Tensor:
     x = images.float()
     h, w = x.shape[-2:]
     if (h, w) != (size, size):
-        f = size / max(h, w)
-        x = F.interpolate(x, size=(max(1, round(h * f)), max(1, round(w * f))), mode="area")
-        ph, pw = size - x.shape[-2], size - x.shape[-1]
-        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        f = size / max(h, w)  # up or down, unlike fit_to_size, which then only pads
+        x = fit_to_size(F.interpolate(x, size=(max(1, round(h * f)), max(1, round(w * f))), mode="area"), size)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     std = x.std(dim=(1, 2, 3), keepdim=True)
     return (x - mean) / std.clamp_min(1e-6)
@@ -152,11 +155,13 @@ def train_embedding(images: Tensor, cfg: EmbeddingConfig = EmbeddingConfig(), se
 
 
 @torch.no_grad()
-def embed(encoder: Encoder, images: Tensor, batch: int = 512) -> Tensor:
-    """Embeddings (N, dim) of images (N, 1, H, W)."""
+def embed(encoder: Encoder, images: Tensor, batch: int = 512, head: bool = True) -> Tensor:
+    """Embeddings (N, dim) of images (N, 1, H, W); with ``head=False`` the pooled backbone features
+    (N, 8 * width) instead (``Encoder.pooled``)."""
     encoder.eval()
-    out = [encoder(prepare(images[i:i + batch], encoder.cfg.size)) for i in range(0, images.shape[0], batch)]
-    return torch.cat(out).float() if out else torch.zeros(0, encoder.cfg.dim)
+    net = encoder if head else encoder.pooled
+    out = [net(prepare(images[i:i + batch], encoder.cfg.size)) for i in range(0, images.shape[0], batch)]
+    return torch.cat(out).float() if out else torch.zeros(0, encoder.cfg.dim if head else 8 * encoder.cfg.width)
 
 
 #: The views of a query image :func:`embed_views` embeds, (rotation in degrees, left-right flip): the

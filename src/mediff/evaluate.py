@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from mediff.data import INTENSITIES, load_slices, split_by_subject
-from mediff.embedding import EmbeddingConfig, Encoder, prepare
+from mediff.embedding import EmbeddingConfig, Encoder, embed
 from mediff.errors import MediffError
 from mediff.privacy import embedding_for
 from mediff.synthesis import grid, read_samples
@@ -97,9 +97,7 @@ def features(encoder: Encoder, images: Tensor, batch: int = 512) -> Tensor:
     change, and the layer before it is the better representation (Chen et al. 2020, section 4.2); on
     IXI it separates the early checkpoint from the final prior more (its FD 1.6x the autoguided
     samples', against 1.2x with the head's output; benchmarks/synthesis.py)."""
-    out = [encoder.features(prepare(images[i:i + batch], encoder.cfg.size)).mean(dim=(2, 3))
-           for i in range(0, images.shape[0], batch)]
-    return torch.cat(out).float()
+    return embed(encoder, images, batch, head=False)
 
 
 def evaluate_sets(encoder: Encoder, reference: Tensor, sets: dict[str, Tensor], n: int, k: int = 5,
