@@ -22,18 +22,10 @@ import torch
 
 from common import machine, write_table
 from mediff.audit import METHODS, PERTURBATIONS, RULES, audit, features, perturb
-from mediff.data import SliceSet
+from mediff.data import split_by_subject
 from mediff.embedding import EmbeddingConfig, load_embedding
 from mediff.prior import load_prior
 from mediff.privacy import fit_embedding, real_sets
-
-
-def halves(held: SliceSet, seed: int) -> tuple[SliceSet, SliceSet]:
-    """The held-out images split by subject into (calibration half, novel half)."""
-    subjects = np.unique(held.subjects)
-    pick = set(np.random.default_rng(seed).choice(subjects, size=len(subjects) // 2, replace=False).tolist())
-    in_a = np.array([s in pick for s in held.subjects.tolist()])
-    return held.subset(np.flatnonzero(in_a)), held.subset(np.flatnonzero(~in_a))
 
 
 def main() -> None:
@@ -64,19 +56,23 @@ def main() -> None:
     pick = torch.randperm(train.images.shape[0], generator=gen)[:args.n_planted]
     planted = {k: perturb(train.images[pick], k, gen) for k in PERTURBATIONS}
 
+    # every image's features once; a halving only picks held-out columns
+    feats = {m: {"train": features(m, train.images, enc), "held": features(m, held.images, enc),
+                 **{k: features(m, v, enc) for k, v in planted.items()}} for m in METHODS}
     rows = []
     for split in (int(v) for v in args.split_seeds.split(",")):
-        calib, novel = halves(held, split)
+        novel_idx, calib_idx = (torch.from_numpy(i) for i in
+                                split_by_subject(held.subjects, len(np.unique(held.subjects)) // 2, split))
         for method in METHODS:
-            ref, cal, new = (features(method, x, enc) for x in (train.images, calib.images, novel.images))
-            queried = {k: features(method, v, enc) for k, v in planted.items()}
+            f = feats[method]
+            ref, cal, new = f["train"], f["held"][:, calib_idx], f["held"][:, novel_idx]
             for rule in RULES:
                 for quantile in (float(v) for v in args.quantiles.split(",")):
                     res = audit(method, ref, cal, new, quantile, rule)
                     row = {"split": split, "method": method, "threshold": rule, "quantile": quantile, "tau": res.tau,
                            "false_alarm": float(res.flagged.float().mean())}
-                    for kind, q in queried.items():
-                        res = audit(method, ref, cal, q, quantile, rule)
+                    for kind in PERTURBATIONS:
+                        res = audit(method, ref, cal, f[kind], quantile, rule)
                         row[f"recall_{kind}"] = float(res.flagged.float().mean())
                         row[f"source_{kind}"] = float((res.nearest == pick).float().mean())
                     rows.append(row)
