@@ -16,7 +16,8 @@ Cases (fully-sampled k-space written as fastMRI-style HDF5 and read back through
 - ``--kspace FILE ...``: any fully-sampled HDF5 (``kspace`` (C, H, W) or (S, C, H, W), middle slice).
 
 ``prepare_s``: seconds to read the file and set the problem up (coil maps, noise, the phase's TV
-reconstruction), which ``mediff reconstruct`` spends before any method; ``seconds``: the method.
+reconstruction), which ``mediff reconstruct`` spends before any method; ``seconds``: the method (the
+TV baseline of measured k-space is that set-up reconstruction, so its own seconds are ~0).
 
 The phase the solvers reconstruct through is compared on ``--phase-methods``: the pipeline's
 (``recon.mri.data_phase``, rows named by the solver), the fully-sampled centre's low-resolution

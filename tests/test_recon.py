@@ -577,3 +577,27 @@ def test_dds_cg_steps_follow_the_operator(prior: Path, monkeypatch: pytest.Monke
     monkeypatch.setitem(SOLVERS, "dds-cg5", SolverSpec("ddim", "prox", cg_iters=5, eta=SOLVERS["dds"].eta))
     a, b = (run_solver(single, m, p, steps=3, seed=1).mean for m in ("dds", "dds-cg5"))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_measured_kspace_tv_baseline_is_the_phase_reconstruction_not_solved_again(tmp_path: Path) -> None:
+    """The set-up of measured k-space solves TV for the phase (``data_phase``); the TV baseline at its
+    default weight is that reconstruction, equal to solving it afresh, and a task on another
+    operator solves its own."""
+    import dataclasses
+
+    import h5py
+
+    from mediff import baselines
+    from mediff.recon import MRIOptions, policy, prepare_mri
+
+    path = tmp_path / "file_brain.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("kspace", data=_multicoil_kspace(4))
+    task = prepare_mri(path, SIZE, MRIOptions(accel=3, center_fraction=0.25))
+    fresh = baselines.tv_reconstruct(task.op, task.y, policy.BASELINE_LAMBDA["mri"]["tv"],
+                                     iters=policy.BASELINE_ITERS["mri"])
+    got = task.baseline("tv", None)
+    assert got is task.tv_solved[2] and torch.equal(got, fresh)
+    other = dataclasses.replace(task, op=type(task.op)(task.mask, task.op.coil_maps * 1j))
+    assert other.baseline("tv", None) is not task.tv_solved[2]
+    assert task.baseline("tv", 0.05) is not task.tv_solved[2]  # another weight: solved
