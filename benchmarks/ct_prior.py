@@ -2,7 +2,8 @@
 
 For each candidate (e.g. whole-slice training vs Patch Diffusion, ``training/train_ct.sh``), on
 every slice of the patients both held out (their ``data.val_subjects``, the same split):
-denoising PSNR at sigma 0.05 / 0.1 / 0.2 (u units, u = (HU + 1000) / 2000, data range 1) and
+denoising PSNR at sigma 0.05 / 0.1 / 0.2 (u units, u = (HU + 1000) / 2000, data range 1; a prior
+trained on crops only also on the whole slice at once, ``*_whole_image``, against its tiles) and
 reconstruction PSNR at 60 views with DDS and DDNM (HU window [-1000, 1000], as ``benchmarks/ct.py``),
 beside FBP.
 
@@ -28,6 +29,19 @@ from mediff.recon.ct import fit_hu, hu_window
 SIGMAS = (0.05, 0.1, 0.2)
 
 
+def denoise_psnr(prior, clean: torch.Tensor) -> dict[str, float]:
+    """Mean denoising PSNR (u units, data range 1) of clean images (N, 1, H, W) at each of SIGMAS
+    (noise from seed 0, the same for every candidate)."""
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for s in SIGMAS:
+        noisy = clean + s * torch.randn(clean.shape, generator=gen)
+        with torch.no_grad():
+            den = torch.cat([prior(c, torch.full((len(c),), s)) for c in noisy.split(4)])
+        out[f"denoise_PSNR_s{s}"] = float(metrics.psnr(den, clean, 1.0).mean())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data/ct_tcga"))
@@ -49,14 +63,13 @@ def main() -> None:
         hu_range = hu_window(prior.meta.normalization, prior.name)
         size = prior.image_size
         clean = torch.stack([prior.normalize(fit_hu(hu, size, px)[0])[0] for _, hu, px in slices]).clamp_min(0)[:, None]
-        gen = torch.Generator().manual_seed(0)
         row: dict = {"candidate": name, "step": prior.meta.step, "images_seen": prior.meta.images_seen}
-        for s in SIGMAS:
-            noisy = clean + s * torch.randn(clean.shape, generator=gen)
-            with torch.no_grad():
-                den = torch.cat([prior(c, torch.full((len(c),), s)) for c in noisy.split(16)])
-            row[f"denoise_PSNR_s{s}"] = float(metrics.psnr(den, clean, 1.0).mean())
-        for m in ["fbp", *args.solvers.split(",")]:
+        row.update(denoise_psnr(prior, clean))
+        if prior.model.tile is not None:  # crops only: tile by tile (the default) against the whole slice at once
+            tile, prior.model.tile = prior.model.tile, None
+            row.update({f"{k}_whole_image": v for k, v in denoise_psnr(prior, clean).items()})
+            prior.model.tile = tile
+        for m in ["fbp", *[s for s in args.solvers.split(",") if s]]:
             psnr = [t.score(run_solver(t, m, prior, args.steps, seed=i).mean)["PSNR"]
                     for i, t in enumerate(make_task(hu, px, size, (args.views, None, None), i, hu_range)
                                           for i, (_, hu, px) in enumerate(slices))]

@@ -308,3 +308,61 @@ def test_autoguidance_of_gaussians_ends_at_the_closed_form_std(w: float):
     factor = ((S**2 + m**2) / S**2) ** (-w / 2) * ((b**2 + m**2) / b**2) ** (-(1 - w) / 2)
     assert torch.allclose(end / start, torch.full_like(end, factor), rtol=2e-3)
     assert factor * m == pytest.approx(S**w * b ** (1 - w), rel=1e-3)
+
+
+# ---- tiled denoising of crop-trained priors ---------------------------------------------------------
+
+
+class _PointwiseNet(nn.Module):
+    """F(x, c_noise, cond, pos) = x * (1 + row) + col + c_noise: pointwise in the pixel and its
+    coordinates, so a mosaic of tiles that passes each tile its coordinates must equal the whole."""
+
+    def forward(self, x, c_noise, cond=None, pos=None):
+        from mediff.nets import coordinate_grid
+
+        if pos is None:
+            pos = coordinate_grid(x.shape[-2], x.shape[-1], x.device, x.dtype)
+        pos = pos.expand(x.shape[0], -1, -1, -1)
+        shift = 0.0 if cond is None else cond.sum(1).view(-1, 1, 1, 1)
+        return x * (1 + pos[:, :1]) + pos[:, 1:] + c_noise.view(-1, 1, 1, 1) + shift
+
+
+@pytest.mark.parametrize("shape", [(96, 80), (128, 128), (40, 48)])
+def test_tiled_denoiser_equals_whole_image_for_a_pointwise_net(shape):
+    from mediff.denoiser import tile_edges
+
+    net = _PointwiseNet()
+    whole = EDMPrecond(net, 0.3, 0.1)
+    tiled = EDMPrecond(net, 0.3, 0.1, tile=32, tile_multiple=16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, *shape, generator=g)
+    cond = torch.randn(3, 2, generator=g)
+    for s in (0.02, 0.7, 5.0):
+        sigma = torch.full((3,), s)
+        torch.testing.assert_close(tiled(x, sigma, cond), whole(x, sigma, cond))
+        if max(shape) > 32:
+            assert len(tile_edges(shape[0], 32, 16, s, 0)) > 2  # it did tile
+
+
+def test_tile_edges_cover_the_axis_and_move_with_sigma():
+    from mediff.denoiser import tile_edges
+
+    seen = set()
+    for s in torch.logspace(-3, 1.5, 50).tolist():
+        e = tile_edges(512, 128, 16, s, 0)
+        assert e[0] == 0 and e[-1] == 512 and all(b > a for a, b in zip(e, e[1:]))
+        sizes = [b - a for a, b in zip(e, e[1:])]
+        assert max(sizes) <= 128 and min(sizes) >= 32 and all(v % 16 == 0 for v in sizes)
+        seen.add(e[1])
+    assert len(seen) >= 4  # the seams move between noise levels
+    assert tile_edges(100, 128, 16, 1.0, 0) == [0, 100]
+
+
+def test_tiled_denoiser_is_differentiable_in_x():
+    net = _PointwiseNet()
+    tiled = EDMPrecond(net, 0.3, 0.0, tile=32, tile_multiple=16)
+    x = torch.randn(1, 1, 64, 64, requires_grad=True)
+    tiled(x, torch.full((1,), 0.5)).sum().backward()
+    whole_x = x.detach().clone().requires_grad_(True)
+    EDMPrecond(net, 0.3, 0.0)(whole_x, torch.full((1,), 0.5)).sum().backward()
+    torch.testing.assert_close(x.grad, whole_x.grad)

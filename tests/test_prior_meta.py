@@ -166,3 +166,15 @@ def test_load_prior_names_the_file_and_the_key(tmp_path: Path) -> None:
     with pytest.raises(MediffError, match="sigma_max") as err:
         load_prior(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tile_only_for_priors_trained_on_crops_alone():
+    from dataclasses import replace
+
+    from mediff.prior import load_prior
+
+    meta = load_prior("ct").meta
+    assert meta.train["patch_sizes"] and meta.tile is None  # whole slices in half of its steps
+    crops_only = replace(meta, train={**meta.train, "patch_sizes": [64, 128], "full_prob": 0.0})
+    assert crops_only.tile == 128
+    assert replace(meta, train={**meta.train, "patch_sizes": []}).tile is None

@@ -10,10 +10,13 @@ by :class:`EpsAdapter`.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from mediff.nets import coordinate_grid
 
 
 @runtime_checkable
@@ -36,17 +39,26 @@ class EDMPrecond(nn.Module):
     the EDM derivation (which assumes zero-mean data) valid for non-negative MR intensities.
     ``cond`` is a covariate vector (B, K); zeros mean "unconditional". ``pos`` (Patch Diffusion) is
     the crop's coordinate channels and is not scaled: positions are not noisy data.
+
+    ``tile`` (a position-aware net trained on crops only, never on whole images): images larger than
+    ``tile`` are denoised tile by tile, each tile with its coordinates in the whole image, so the
+    network sees inputs of the sizes and statistics it was trained on (its GroupNorm statistics and
+    attention span differ on a whole 512-px slice). ``tile_multiple``: the net's size divisor.
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, data_mean: float = 0.0) -> None:
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, data_mean: float = 0.0, tile: int | None = None,
+                 tile_multiple: int = 16) -> None:
         super().__init__()
         self.net = net
         self.sigma_data = float(sigma_data)
         self.data_mean = float(data_mean)
+        self.tile, self.tile_multiple = tile, int(tile_multiple)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, pos: Tensor | None = None) -> Tensor:
         """``pos``: pixel coordinates of a training patch, passed to a position-aware net (else omitted)."""
         sigma = sigma.to(x.dtype).reshape(-1).expand(x.shape[0])
+        if pos is None and self.tile is not None and max(x.shape[-2:]) > self.tile:
+            return self._tiled(x, sigma, cond)
         s, sd = _bcast(sigma, x), self.sigma_data
         c_skip = sd**2 / (s**2 + sd**2)
         c_out = s * sd / (s**2 + sd**2).sqrt()
@@ -54,6 +66,43 @@ class EDMPrecond(nn.Module):
         xc = x - self.data_mean
         f = self.net(c_in * xc, sigma.log() / 4, cond) if pos is None else self.net(c_in * xc, sigma.log() / 4, cond, pos)
         return self.data_mean + c_skip * xc + c_out * f.to(x.dtype)
+
+    def _tiled(self, x: Tensor, sigma: Tensor, cond: Tensor | None, chunk: int = 16) -> Tensor:
+        """D on x (B, C, H, W) as a mosaic of tiles of at most ``tile`` pixels a side. The tile grid
+        is shifted by an offset that is a function of sigma (``tile_edges``), so from one noise level
+        to the next the seams move and no pixel stays on a seam: D remains a pure function of (x, sigma).
+        Tiles of one shape run as batches of at most ``chunk``."""
+        b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+        s0 = float(sigma[0])
+        rows = tile_edges(h, self.tile, self.tile_multiple, s0, 0)
+        cols = tile_edges(w, self.tile, self.tile_multiple, s0, 1)
+        grid = coordinate_grid(h, w, x.device, x.dtype)
+        boxes = [(r0, r1, c0, c1) for r0, r1 in zip(rows, rows[1:]) for c0, c1 in zip(cols, cols[1:])]
+        done: dict[tuple[int, int, int, int], Tensor] = {}
+        by_shape: dict[tuple[int, int], list] = {}
+        for box in boxes:
+            by_shape.setdefault((box[1] - box[0], box[3] - box[2]), []).append(box)
+        for group in by_shape.values():
+            for k in range(0, len(group), max(1, chunk // b)):
+                part = group[k: k + max(1, chunk // b)]
+                xs = torch.cat([x[..., r0:r1, c0:c1] for r0, r1, c0, c1 in part])
+                ps = torch.cat([grid[..., r0:r1, c0:c1].expand(b, -1, -1, -1) for r0, r1, c0, c1 in part])
+                den = self.forward(xs, sigma.repeat(len(part)), None if cond is None else cond.repeat(len(part), 1), ps)
+                done.update(zip(part, den.split(b)))
+        return torch.cat([torch.cat([done[(r0, r1, c0, c1)] for c0, c1 in zip(cols, cols[1:])], dim=-1)
+                          for r0, r1 in zip(rows, rows[1:])], dim=-2)
+
+
+def tile_edges(n: int, tile: int, multiple: int, sigma: float, axis: int) -> list[int]:
+    """Edges 0 = e_0 < ... < e_k = n of the tiles along one axis of length n: tiles of ``tile``
+    pixels from an offset o, a multiple of ``multiple`` in [tile / 4, 3 tile / 4] (so the edge tiles
+    keep at least a quarter tile), picked by hashing log(sigma) (golden-ratio steps, another per axis)."""
+    if n <= tile:
+        return [0, n]
+    choices = list(range(-(-(tile // 4) // multiple) * multiple, 3 * tile // 4 + 1, multiple)) or [0]
+    frac = (math.log(max(sigma, 1e-30)) * 1000.0 * (0.6180339887 + axis * 0.1415926536)) % 1.0
+    o = choices[int(frac * len(choices)) % len(choices)]
+    return sorted({0, n, *range(o, n, tile)})
 
 
 class EpsAdapter(nn.Module):
@@ -164,5 +213,5 @@ def edm_sigma_range(sigma_data: float) -> tuple[float, float]:
     return 0.002 * sigma_data / 0.5, 80.0 * sigma_data / 0.5
 
 
-__all__ = ["Denoiser", "EDMPrecond", "EpsAdapter", "GaussianDenoiser", "CFGDenoiser", "AutoGuidedDenoiser",
+__all__ = ["Denoiser", "EDMPrecond", "tile_edges", "EpsAdapter", "GaussianDenoiser", "CFGDenoiser", "AutoGuidedDenoiser",
            "extrapolate", "linear_beta_alphas_cumprod", "edm_sigma_range"]

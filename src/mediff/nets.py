@@ -34,6 +34,11 @@ class UNetConfig:
     groups: int = 16
     pos_channels: int = 0  # 2: pixel coordinates as extra input channels (Patch Diffusion), else 0
 
+    @property
+    def multiple(self) -> int:
+        """What image sides must be divisible by: the fold times one halving per level below the top."""
+        return self.fold * 2 ** (len(self.channels) - 1)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -141,7 +141,8 @@ def _weights(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _build(state: dict[str, Tensor], meta: PriorMeta) -> EDMPrecond:
-    model = EDMPrecond(LeanUNet(UNetConfig.from_dict(meta.net)), meta.sigma_data, meta.data_mean)
+    cfg = UNetConfig.from_dict(meta.net)
+    model = EDMPrecond(LeanUNet(cfg), meta.sigma_data, meta.data_mean, tile=meta.tile, tile_multiple=cfg.multiple)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model
 

@@ -193,6 +193,13 @@ class PriorMeta:
         """Whether the prior works in a HU window (a CT prior): its inputs and results are in HU."""
         return self.normalization["kind"] == "hu_window"
 
+    @property
+    def tile(self) -> int | None:
+        """The tile side at which a prior trained on crops only (patch sizes, no whole-image steps)
+        denoises larger images (``EDMPrecond.tile``: its largest crop), or None."""
+        sizes = self.train.get("patch_sizes") or ()
+        return int(max(sizes)) if sizes and float(self.train.get("full_prob", 1.0)) == 0.0 else None
+
     def data_mismatch(self, other: "PriorMeta") -> str | None:
         """The first of image_size, normalization, covariates where ``other`` models other images
         than this (a guide must model the same data), or None."""

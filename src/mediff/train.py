@@ -130,7 +130,7 @@ class Trainer:
         if cfg.batch % self.world:
             raise MediffError(f"batch {cfg.batch} is not divisible by {self.world} processes")
         net = UNetConfig.from_dict(cfg.net)
-        multiple = net.fold * 2 ** (len(net.channels) - 1)
+        multiple = net.multiple
         if cfg.size % multiple:
             raise MediffError(f"--size {cfg.size} must be a multiple of {multiple} for a {len(net.channels)}-level UNet")
         for p in cfg.patch_sizes:
@@ -150,7 +150,10 @@ class Trainer:
         cfg.net = net_cfg.to_dict()
         with torch.random.fork_rng(devices=[]):  # initial weights: a function of the seed, not the global RNG
             torch.manual_seed(cfg.seed)
-            self.model = EDMPrecond(LeanUNet(net_cfg), self.sigma_data, self.data_mean).to(self.device)
+            # Crops only: the EMA (validation, the shipped prior) denoises whole images tile by tile.
+            tile = max(cfg.patch_sizes) if cfg.patch_sizes and cfg.full_prob == 0.0 else None
+            self.model = EDMPrecond(LeanUNet(net_cfg), self.sigma_data, self.data_mean, tile=tile,
+                                    tile_multiple=net_cfg.multiple).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step, self.images_seen, self.wall = 0, 0, 0.0
