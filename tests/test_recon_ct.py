@@ -216,6 +216,24 @@ def test_ct_prior_dds(tiny_priors: dict[str, Path], files: dict[str, Path], tmp_
     assert rec["metrics"][0]["method"] == "dds" and rec["metrics"][0]["NFE"] > 0 and rec["problem"]["grid"] == 32
     assert rec["cg_iters"] == DDS_CG_ITERS["ct"]  # CT's ill-conditioned normal operator
     assert "coverage90" in rec
+    # Scored on the input's 64 px grid against the input itself, the 32 px working grid second.
+    row = rec["metrics"][0]
+    lo, hi = -1000.0, 1000.0
+    ref, got = (np.clip(a, lo, hi) - lo for a in (regions()[0], recon))
+    assert row["PSNR"] == pytest.approx(10 * np.log10((hi - lo) ** 2 / np.mean((got - ref) ** 2)), abs=1e-3)
+    assert {"PSNR_working_grid", "SSIM_working_grid", "NMSE_working_grid"} <= set(row)
+    assert "64x64 grid" in rec["units"] and "32x32 working grid" in rec["units"]
+
+
+def test_input_grid_scoring_sees_the_resolution_lost_on_a_coarser_grid(files: dict[str, Path]) -> None:
+    from mediff.recon import CTOptions
+    from mediff.recon.ct import prepare_ct
+
+    coarse, native = (prepare_ct(files["nii"], size, CTOptions(60)) for size in (32, N))
+    assert native.input_reference is None and "PSNR_working_grid" not in native.score(native.reference)
+    perfect = coarse.score(coarse.reference)  # the exact working-grid image, mapped back to 64 px
+    assert perfect["PSNR_working_grid"] == float("inf")
+    assert 15 < perfect["PSNR"] < 40  # what the 32 px grid loses of the 64 px slice
 
 
 def test_mr_prior_with_ct_image(tiny_priors: dict[str, Path], files: dict[str, Path], tmp_path: Path) -> None:
@@ -241,7 +259,28 @@ def tiny_priors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for kind in ("ct", "mr"):
         cfg = TrainConfig(size=32, steps=2, batch=4, checkpoint_every=2, val_every=2, n_val_subjects=1, net=net)
         train(root / f"{kind}.npz", root / kind, cfg, progress=False)
-    return {k: root / k / "prior.safetensors" for k in ("ct", "mr")}
+    # A native-resolution CT prior: 32 px crops of 64 px slices, never whole slices (it denoises in tiles).
+    np.savez(root / "native.npz", hu=np.stack([regions(N)[0] * (1 + 0.1 * k) for k in range(6)]).clip(-1000, None)
+             .astype(np.int16), patient_id=np.asarray(["a", "b", "c"] * 2))
+    cfg = TrainConfig(size=N, steps=2, batch=2, checkpoint_every=2, val_every=2, n_val_subjects=1, patch_sizes=(32,),
+                      full_prob=0.0, net={**net, "pos_channels": 2})
+    train(root / "native.npz", root / "native", cfg, progress=False)
+    return {k: root / k / "prior.safetensors" for k in ("ct", "mr", "native")}
+
+
+def test_native_resolution_prior_reconstructs_on_the_input_grid(tiny_priors: dict[str, Path], files: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    from mediff.prior import load_prior
+
+    assert load_prior(tiny_priors["native"]).model.tile == 32
+    out = tmp_path / "o"
+    code, _, err = run_cli("reconstruct", "--input", files["nii"], "--out", out, "--model", tiny_priors["native"],
+                           "--solver", "dds", "--steps", 2, "--views", 30, "--compare", "tv")
+    assert code == 0, err
+    rec = json.loads((out / "metrics.json").read_text())
+    assert rec["problem"]["grid"] == N and f"on the {N}x{N} grid of the input" in rec["units"]
+    assert all("PSNR_working_grid" not in row for row in rec["metrics"])
+    assert load(out / "recon.nii.gz").shape == (N, N)
 
 
 @pytest.mark.parametrize("case, needle", [("nan", "NaN"), ("mr", "Hounsfield"), ("sino", "sinogram must have shape"),

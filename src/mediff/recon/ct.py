@@ -58,7 +58,7 @@ from mediff.recon.task import SliceSource, Task
 from mediff.report import Panel
 
 METRIC_WINDOW = (-1000.0, 1000.0)  # HU window of PSNR/SSIM (data_range 2000)
-MAX_BASELINE_SIZE = 256  # working grid without a prior: the input grid, downsampled to at most this
+MAX_BASELINE_SIZE = 1024  # working grid without a prior: the input grid, downsampled to at most this
 # Volumes are reoriented so slices look like stored axial DICOM images (rows to P, columns to L),
 # the way CT training slices are stored.
 CT_SLICE_ORIENTATION = ("P", "L", "S")
@@ -200,9 +200,9 @@ class CTTask(Task):
         return img, ref, hi - lo
 
     @property
-    def units(self) -> str:
+    def metric_units(self) -> str:
         lo, hi = self.window
-        return (f"PSNR/SSIM/NMSE on the working grid, HU clipped to [{lo:g}, {hi:g}] (data_range {hi - lo:g}); "
+        return (f"PSNR/SSIM/NMSE of HU clipped to [{lo:g}, {hi:g}] (data_range {hi - lo:g}); "
                 f"NMSE of the clipped HU measured from {lo:g}")
 
     def shown(self, x: Tensor) -> np.ndarray:
@@ -292,16 +292,55 @@ def _image_task(img: io.MedicalImage, path: Path, fmt: str, k: int, size: int | 
     """Slice ``k`` of an HU image (its only slice when 2D) with a simulated sinogram."""
     image, affine, px, notes, grid = _read_hu(img, path, fmt, k)
     check_hu(image)
+    task = hu_task(image, px, size, options, seed, hu_range)
+    task.affine, task.grid = affine, grid
+    task.notes[:0] = notes
+    return task
+
+
+def hu_task(hu: np.ndarray, px: float, size: int | None, options: CTOptions = CTOptions(), seed: int = 0,
+            hu_range: tuple[float, float] = (-1000.0, 1000.0)) -> CTTask:
+    """The CT problem of an HU slice (H, W) of ``px`` mm pixels with a simulated sinogram, on the
+    size x size working grid (None: the slice's own grid, at most MAX_BASELINE_SIZE), scored against
+    the slice on its own grid. A square slice larger than the working grid is measured at full
+    resolution (``_simulated_at_full_resolution``); otherwise it is resampled onto the grid first."""
     own_grid = size is None
     if own_grid:
-        size = max(2, min(max(image.shape), MAX_BASELINE_SIZE))
-    work, back, px_work, fit_note = fit_hu(image, size, px)
+        size = max(2, min(max(hu.shape), MAX_BASELINE_SIZE))
+    h, w = hu.shape
+    if h == w and h > size:
+        return _simulated_at_full_resolution(hu, px, size, options, seed, hu_range)
+    work, back, px_work, fit_note = fit_hu(hu, size, px)
     if own_grid and fit_note:
         fit_note = fit_note.replace("the prior's", "a", 1)
     task = simulate_ct(work, options, seed, px_work, hu_range)
-    task.to_input, task.affine, task.grid = back, affine, grid
-    task.notes[:0] = [n for n in (*notes, fit_note) if n]
+    task.to_input = back
+    if fit_note:  # scored on the input's grid, against the input slice itself
+        task.input_reference = np.asarray(hu, dtype=np.float32)
+    task.notes[:0] = [fit_note] if fit_note else []
     task.notes.append(f"working grid {size}x{size}, pixel {px_work:.3g} mm")
+    return task
+
+
+def _simulated_at_full_resolution(hu: np.ndarray, px: float, size: int, options: CTOptions, seed: int,
+                                  hu_range: tuple[float, float]) -> CTTask:
+    """An HU slice (N, N) of ``px`` mm pixels reconstructed on a coarser size x size grid: its
+    sinogram is simulated from the slice itself at full resolution (a scanner measures the object,
+    not a downsampled copy) and rebinned onto the working grid's detector, as a measured one is; the
+    task is scored against the slice on its own grid."""
+    n = hu.shape[0]
+    angles, span = _angles(int(options.n_views), options.limited_angle)
+    full, k = unit_operator(n, angles, px)
+    mu = hu_to_mu(torch.from_numpy(np.clip(hu.astype(np.float64), -1000.0, None)))[None, None]
+    gen = torch.Generator().manual_seed(seed) if options.dose is not None else None
+    y = simulate_sinogram(mu * k, full, options.dose, generator=gen)[0, 0].numpy()
+    task = sinogram_task(y, angles.numpy(), n, px, options.dose, size, hu_range, hu)
+    task.notes.insert(0, f"parallel-beam sinogram simulated from the HU image at its own {n}x{n} grid: "
+                         f"{int(options.n_views)} views over {span}" +
+                      ("" if options.dose is None else f", low dose I0 = {options.dose:g} photons/bin (Poisson, "
+                       f"seed {seed}); diffusion solvers and TV weight each bin by its inverse noise std"))
+    task.notes.append(f"working grid {size}x{size}, pixel {task.info['pixel_size_mm']:.3g} mm")
+    task.info.update(source="simulated from image", views=int(options.n_views), angles=span)
     return task
 
 
@@ -391,16 +430,35 @@ def _read_sinogram(path: Path) -> tuple[np.ndarray, np.ndarray, int, float, dict
 
 
 def _prepare_sinogram(path: Path, size: int | None, options: CTOptions, hu_range: tuple[float, float]) -> CTTask:
-    """A measured parallel-beam sinogram (module docstring) as a CTTask on the working grid."""
-    views, limited_angle, dose = options.views, options.limited_angle, options.dose
+    """A measured parallel-beam sinogram file (module docstring) as a CTTask on the working grid."""
+    views, limited_angle = options.views, options.limited_angle
     sino, angles, n, px, d = _read_sinogram(path)
+    ref = None
+    if "reference_hu" in d:
+        ref = np.asarray(d["reference_hu"], dtype=np.float64)
+        if ref.shape != (n, n):
+            raise MediffError(f"{path}: reference_hu must be ({n}, {n}), got {ref.shape}")
+        check_hu(ref)
+    task = sinogram_task(sino, angles, n, px, options.dose, min(n, MAX_BASELINE_SIZE) if size is None else size,
+                         hu_range, ref)
+    task.notes.insert(0, f"measured parallel-beam sinogram: {angles.size} views over {angles.min():.4g}-"
+                         f"{angles.max():.4g} deg, {n}x{n} image, pixel {px:.3g} mm")
+    if (views is not None and views != angles.size) or limited_angle is not None:
+        task.notes.insert(1, "--views / --limited-angle ignored: the sinogram file fixes the geometry")
+    task.info["source"] = "sinogram file"
+    return task
+
+
+def sinogram_task(sino: np.ndarray, angles: np.ndarray, n: int, px: float, dose: float | None, size: int,
+                  hu_range: tuple[float, float], reference_hu: np.ndarray | None = None) -> CTTask:
+    """The CT problem of a sinogram (V, D) of line integrals of an n x n grid of ``px`` mm pixels
+    (``angles`` (V,) degrees; D = ``ParallelBeamCT``'s detector count for n) on the size x size
+    working grid: the detector is rebinned onto the working grid's bins when the grids differ (exact
+    area average), and the task is scored against ``reference_hu`` (n, n) on the sinogram's own grid
+    when given. ``dose``: the scan's I0, which sets the noise model (None: noiseless)."""
     n_det = sino.shape[1]
     hu_min, hu_max = hu_range
-    notes = [f"measured parallel-beam sinogram: {angles.size} views over {angles.min():.4g}-{angles.max():.4g} deg, "
-             f"{n}x{n} image, pixel {px:.3g} mm"]
-    if (views is not None and views != angles.size) or limited_angle is not None:
-        notes.append("--views / --limited-angle ignored: the sinogram file fixes the geometry")
-    size = min(n, MAX_BASELINE_SIZE) if size is None else size
+    notes: list[str] = []
     _, back, fit_note = fit_to_grid(np.zeros((n, n), np.float32), size)
     f = min(1.0, size / n)
     m = max(1, round(n * f))
@@ -424,16 +482,13 @@ def _prepare_sinogram(path: Path, size: int | None, options: CTOptions, hu_range
     y = torch.from_numpy(sino).reshape(1, 1, *sino.shape[-2:])
     weights = None if dose is None else _sinogram_noise(y, dose)[1]  # relative: rebinning scales all bins alike
     ref = None
-    if "reference_hu" in d:
-        r = np.asarray(d["reference_hu"], dtype=np.float64)
-        if r.shape != (n, n):
-            raise MediffError(f"{path}: reference_hu must be ({n}, {n}), got {r.shape}")
-        check_hu(r)
-        work, _, _, _ = fit_hu(r, size, px)
+    if reference_hu is not None:
+        work, _, _, _ = fit_hu(reference_hu, size, px)
         ref = torch.from_numpy(((work - hu_min) / (hu_max - hu_min)).astype(np.float32))[None, None]
-    info = {"source": "sinogram file", "views": int(angles.size),
-            "angles": f"{angles.min():.4g}-{angles.max():.4g} deg",
+    info = {"views": int(angles.size), "angles": f"{angles.min():.4g}-{angles.max():.4g} deg",
             "dose_I0": dose, "pixel_size_mm": px_w, "grid": size, "hu_window": [hu_min, hu_max], "noise_sigma_u": noise}
     return CTTask(op=op, y=_u_data(y, op, k, hu_min, hu_max), noise_sigma=noise, scale=hu_max - hu_min,
                   reference=ref, to_input=back, affine=np.diag([px, px, 1.0, 1.0]), notes=notes, info=info,
-                  offset=hu_min, sinogram=y[0, 0].float().numpy(), weights=weights)
+                  offset=hu_min, sinogram=y[0, 0].float().numpy(), weights=weights,
+                  input_reference=None if reference_hu is None or not fit_note else
+                  np.asarray(reference_hu, dtype=np.float32))

@@ -116,8 +116,8 @@ class MRITask(Task):
         return image, reference, float(reference.max())
 
     @property
-    def units(self) -> str:
-        return "PSNR/SSIM/NMSE on the working grid in normalised units, data_range = reference max"
+    def metric_units(self) -> str:
+        return "PSNR/SSIM/NMSE in normalised units, data_range = reference max"
 
     def display_range(self, fallback: Tensor) -> tuple[float, float]:
         shown = self.reference if self.reference is not None else fallback
@@ -172,6 +172,8 @@ def _image_task(img: io.MedicalImage, k: int, path: Path, size: int, options: MR
     work, back, fit_note = fit_to_grid(np.clip(image, 0, None), size)
     task = simulate_mri(work, options, seed)
     task.to_input, task.affine, task.grid = back, affine, grid
+    if fit_note:  # scored on the input's grid, against the input slice itself
+        task.input_reference = np.clip(image, 0, None).astype(np.float32)
     task.notes[:0] = [n for n in (note, fit_note) if n]
     return task
 
@@ -310,6 +312,7 @@ def _prepare_kspace(ksp: np.ndarray, mask: object, path: Path, options: MRIOptio
     model_info: dict = {}
     sigma_lik = _with_model_error(op, y, sigma_file, scale, notes, model_info)
     support = _support(op)
+    ref_input = None
     ph, pw = -(-h // GRID_MULTIPLE) * GRID_MULTIPLE, -(-w // GRID_MULTIPLE) * GRID_MULTIPLE
     if (ph, pw) != (h, w):  # embed the image in a padded grid for the network; A crops it back
         crop = CenterCrop((ph, pw), (h, w))
@@ -317,6 +320,7 @@ def _prepare_kspace(ksp: np.ndarray, mask: object, path: Path, options: MRIOptio
         support = None if support is None else crop.AH(support)
         phase = unit_phase(crop.AH(phase))  # 1 on the padding
         if ref is not None:
+            ref_input = ref[0, 0].real.float().numpy()  # scored on the scan's own grid, not the padded one
             ref = crop.AH(ref)
         notes.append(f"image grid {h}x{w} padded to {ph}x{pw} for the network; A crops it back")
 
@@ -329,7 +333,7 @@ def _prepare_kspace(ksp: np.ndarray, mask: object, path: Path, options: MRIOptio
             "noise_estimate": "MAD of the outer 10% of sampled k-space, RMS over coils", **model_info}
     return MRITask(op=op, y=ys, noise_sigma=sigma_lik / scale, scale=scale,
                    reference=None if ref is None else ref / scale, to_input=back, notes=notes, info=info,
-                   phase=phase, mask=mask, support=support, tv_solved=tv_solved)
+                   phase=phase, mask=mask, support=support, tv_solved=tv_solved, input_reference=ref_input)
 
 
 def _noise_of(y: Tensor, mask: np.ndarray, scale: float, notes: list[str]) -> float:

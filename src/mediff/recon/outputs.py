@@ -31,7 +31,8 @@ def write_outputs(out: Path, runs: list[SliceRun], record: dict, dicom: bool = F
     meta = {k: record[k] for k in ("command", "model", "seed", "steps", "mediff")}
     shown = [runs[i] for i in shown_slices(len(runs))]
     panels = [p for r in shown for p in report_panels(r, record, f"slice {r.index}: " if len(runs) > 1 else "")]
-    write_report(out / "report.html", task.title, panels, record["metrics"], record["notes"], meta)
+    notes = [*record["notes"], f"metrics: {record['units']}"]  # which grid the table's figures are on
+    write_report(out / "report.html", task.title, panels, record["metrics"], notes, meta)
 
 
 def report_panels(run: SliceRun, record: dict, prefix: str = "") -> list[Panel]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from mediff import metrics
@@ -31,7 +32,10 @@ class Task:
     """op: image (1, 1, H, W) -> data y; y: data in normalised units; noise_sigma: std per entry of y
     (normalised); scale: input units per normalised unit; reference: (1, 1, H, W) real, normalised, or
     None; to_input: working-grid image -> the input's grid; affine: the input slice's 4x4 affine;
-    grid: where that slice sits on the input's voxel grid (None: the input is 2D, its grid is the slice's)."""
+    grid: where that slice sits on the input's voxel grid (None: the input is 2D, its grid is the slice's);
+    input_reference: the reference on the input's own grid in input units (H_in, W_in), when the
+    working grid differs from it (resampled or padded): ``score`` then scores there, since a user
+    reads a reconstruction of their scan at its resolution, and the working-grid figures come second."""
 
     op: LinearOperator
     y: Tensor
@@ -44,6 +48,7 @@ class Task:
     notes: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
     offset: float = 0.0  # input units at normalised 0
+    input_reference: np.ndarray | None = None
 
     kind: ClassVar[str]  # "mri" | "ct": the key of policy.BASELINE_LAMBDA / BASELINE_ITERS
     baselines: ClassVar[tuple[str, ...]]
@@ -92,10 +97,23 @@ class Task:
 
     # ---- scoring
     def score(self, image: Tensor) -> dict[str, float]:
-        """PSNR / SSIM / NMSE of an image (1, 1, H, W) vs the reference ({} without one)."""
+        """PSNR / SSIM / NMSE of a working-grid image (1, 1, H, W) vs the reference ({} without one): on
+        the input grid when ``input_reference`` is set (the image mapped there by ``to_input``), with the
+        working grid's figures beside them as ``PSNR_working_grid`` etc."""
         if self.reference is None:
             return {}
-        img, ref, data_range = self.scored(image.float(), self.reference.float())
+        work = self._figures(image.float(), self.reference.float())
+        if self.input_reference is None:
+            return work
+
+        def normalised(a: np.ndarray) -> Tensor:
+            return torch.from_numpy(np.ascontiguousarray((a - self.offset) / self.scale, dtype=np.float32))[None, None]
+
+        native = self._figures(normalised(self.input_units(image)), normalised(self.input_reference))
+        return {**native, **{f"{k}_working_grid": v for k, v in work.items()}}
+
+    def _figures(self, image: Tensor, reference: Tensor) -> dict[str, float]:
+        img, ref, data_range = self.scored(image, reference)
         return {"PSNR": float(metrics.psnr(img, ref, data_range)[0]),
                 "SSIM": float(metrics.ssim(img, ref, data_range)[0]), "NMSE": float(metrics.nmse(img, ref)[0])}
 
@@ -106,6 +124,16 @@ class Task:
     @property
     def units(self) -> str:
         """How the figures of ``score`` are computed, for metrics.json."""
+        h, w = self.shape
+        if self.input_reference is None:
+            return f"{self.metric_units}; on the {h}x{w} grid of the input"
+        hi, wi = self.input_reference.shape
+        return (f"{self.metric_units}; on the input's {hi}x{wi} grid (the reconstruction mapped back from the "
+                f"{h}x{w} working grid); *_working_grid: the same on the working grid (secondary)")
+
+    @property
+    def metric_units(self) -> str:
+        """How the metrics see the images (units, data range)."""
         raise NotImplementedError
 
     # ---- output
