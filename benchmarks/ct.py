@@ -123,6 +123,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="working grid (the prior's size when --model is given)")
     ap.add_argument("--native", action="store_true", help="measure and score every slice on its own 512-px grid")
     ap.add_argument("--lambda-grid", default=None, help="TV weights to tune over (default: the module's grid)")
+    ap.add_argument("--lambdas-from", type=Path, default=None,
+                    help="a results/NAME_lambda.json of an earlier run on the same tuning patients and grid: its "
+                         "tuned TV weights instead of tuning again (--n 0 runs the tuning alone)")
     ap.add_argument("--solvers", default=",".join(SOLVERS))
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--cg-iters", type=int, default=None, help="CG steps per data-consistency update (default: policy)")
@@ -161,12 +164,20 @@ def main() -> None:
 
     t0 = time.perf_counter()
     base_size = None if args.native else args.size
-    lams = tune(load_slices(args.data, tune_ids, N_TUNE_PATIENTS), base_size, hu_range, tasks, lam_grid,
-                args.native)  # 1 slice per patient
+    if args.lambdas_from is not None:
+        tuned = json.loads(args.lambdas_from.read_text())
+        if tuned["tuning_patients"] != tune_ids or tuned["size"] != (base_size or "native"):
+            raise SystemExit(f"{args.lambdas_from} was tuned on other patients or another grid")
+        lams, lam_grid = {k: tuned["lambda"][k] for k in tasks}, tuple(tuned["grid"])
+    else:
+        lams = tune(load_slices(args.data, tune_ids, N_TUNE_PATIENTS), base_size, hu_range, tasks, lam_grid,
+                    args.native)  # 1 slice per patient
     tune_s = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}_lambda.json").write_text(json.dumps(
         {"lambda": lams, "tuning_patients": tune_ids, "size": base_size or "native", "grid": lam_grid}, indent=2))
+    if args.n == 0:
+        return
 
     slices = load_slices(args.data, eval_ids, args.n)
     rows = []

@@ -129,6 +129,16 @@ def test_fan_adjoint_float64(source, detector, n_det, spacing, gen):
     assert adjoint_check(op, x, gen) <= 1e-10
 
 
+@pytest.mark.parametrize("geometry", ["parallel", "fan"])
+def test_adjoint_at_512_px(geometry, gen):
+    """The full-resolution grid of a clinical slice (512 x 512, 0.7 mm pixels; a few views keep it quick)."""
+    angles = sparse_view_angles(6) if geometry == "parallel" else torch.arange(6) * 60.0 + 1.0
+    op = (ParallelBeamCT(512, angles, pixel_size_mm=0.7) if geometry == "parallel" else
+          FanBeamCT(512, angles, 595.0, 490.6, pixel_size_mm=0.7))
+    x = torch.randn(1, 1, 512, 512, dtype=torch.float64, generator=gen)
+    assert adjoint_check(op, x, gen) <= 1e-10
+
+
 def test_float32_matches_float64_and_gradients(gen):
     op = ParallelBeamCT(24, sparse_view_angles(9))
     x = torch.randn(2, 1, 24, 24, dtype=torch.float64, generator=gen)

@@ -379,3 +379,10 @@ def test_shipped_ct_prior_on_a_held_out_patient_dicom(ct_dir: Path, tmp_path: Pa
     assert psnr["ddnm"] > psnr["fbp"] + 1.0, psnr
     recon = load(out / "recon.nii.gz")
     assert recon.shape == (512, 512) and np.median(recon[:32, :32]) < -900  # HU on the input grid: air outside
+
+
+def test_sampling_a_crop_only_prior_says_what_it_is_for(tiny_priors: dict[str, Path], tmp_path: Path) -> None:
+    code, out, err = run_cli("sample", "--model", tiny_priors["native"], "--n", 1, "--steps", 2, "--out", tmp_path / "s")
+    assert code == 0, err
+    assert "no whole-image anatomy" in json.loads((tmp_path / "s" / "samples.json").read_text())["note"]
+    assert "reconstruction prior" in " ".join((out + err).split())

@@ -105,4 +105,6 @@ def sample(
                                  guidance=guidance, autoguidance=autoguidance, guide=guide)
     with output_dir(out, overwrite) as tmp:
         write_samples(tmp, images, meta, dicom=dicom)
+    if "note" in meta:
+        console.print(f"[yellow]note:[/] {meta['note']}")
     console.print(f"[green]wrote[/] {n} samples to {out}")
