@@ -386,3 +386,31 @@ def test_sampling_a_crop_only_prior_says_what_it_is_for(tiny_priors: dict[str, P
     assert code == 0, err
     assert "no whole-image anatomy" in json.loads((tmp_path / "s" / "samples.json").read_text())["note"]
     assert "reconstruction prior" in " ".join((out + err).split())
+
+
+def test_fan_beam_in_hu_on_the_input_grid_and_through_a_coarser_one(tiny_priors: dict[str, Path],
+                                                                      files: dict[str, Path], tmp_path: Path) -> None:
+    code, _, err = run_cli("reconstruct", "--input", files["nii"], "--out", tmp_path / "a", "--solver", "fbp",
+                           "--geometry", "fan", "--views", 90, "--compare", "")
+    assert code == 0, err
+    assert_hu(load(tmp_path / "a" / "recon.nii.gz"))  # the fan FBP is calibrated like the parallel one
+    rec = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert rec["problem"]["angles"] == "0-360 deg, fan beam" and "fan-beam" in rec["problem"]["geometry"]
+    # A 32 px prior: the fan sinogram is measured on the 64 px grid and rebinned onto the prior's detector.
+    code, _, err = run_cli("reconstruct", "--input", files["nii"], "--out", tmp_path / "b", "--model",
+                           tiny_priors["ct"], "--solver", "dds", "--steps", 2, "--geometry", "fan", "--views", 90,
+                           "--source-distance", 400, "--compare", "")
+    assert code == 0, err
+    assert_hu(load(tmp_path / "b" / "fbp.nii.gz"), bone=False)
+    rec = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert rec["problem"]["grid"] == 32 and "source 400 mm" in rec["problem"]["geometry"]
+    assert "detector rebinned" in " ".join(rec["notes"])
+
+
+@pytest.mark.parametrize("args, needle", [(["--source-distance", 500], "--geometry fan"),
+                                          (["--geometry", "cone"], "parallel or fan"),
+                                          (["--geometry", "fan", "--source-distance", -1], "source > 0")])
+def test_bad_geometry(files: dict[str, Path], tmp_path: Path, args: list, needle: str) -> None:
+    code, _, err = run_cli("reconstruct", "--input", files["nii"], "--out", tmp_path / "o", "--solver", "fbp", *args)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "o").exists()

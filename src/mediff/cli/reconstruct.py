@@ -32,12 +32,19 @@ def reconstruct(
                                 "undersampled."),
     mask: str = typer.Option(_MRI.mask, help="MRI: random1d | equispaced1d | poisson2d | radial."),
     center_fraction: float = typer.Option(_MRI.center_fraction, help="MRI: fully-sampled centre fraction."),
-    views: Optional[int] = typer.Option(None, help=f"CT: projection views simulated over 180 degrees (default "
-                                        f"{CTOptions.DEFAULT_VIEWS})."),
+    views: Optional[int] = typer.Option(None, help=f"CT: projection views simulated over 180 degrees (fan beam: "
+                                        f"360; default {CTOptions.DEFAULT_VIEWS})."),
     limited_angle: Optional[float] = typer.Option(None, "--limited-angle", metavar="DEG",
                                                   help="CT: views only over [0, DEG) degrees (missing wedge)."),
     dose: Optional[float] = typer.Option(None, metavar="I0", help="CT: low dose, I0 photons per detector bin "
                                          "(Poisson noise); for a sinogram file, its I0 (noise model)."),
+    geometry: Optional[str] = typer.Option(None, help="CT: parallel (default) | fan (flat detector, views over "
+                                           "360 degrees)."),
+    source_distance: Optional[float] = typer.Option(None, "--source-distance", metavar="MM", help="CT fan beam: "
+                                                    f"source to isocentre (default {CTOptions.FAN_DISTANCES[0]:g})."),
+    detector_distance: Optional[float] = typer.Option(None, "--detector-distance", metavar="MM", help="CT fan "
+                                                      f"beam: isocentre to detector (default "
+                                                      f"{CTOptions.FAN_DISTANCES[1]:g})."),
     steps: int = typer.Option(_REQ.steps, help="Sampler steps."),
     seed: int = typer.Option(_REQ.seed, help="Seed of mask and noise; a solver run over slices k.. draws its "
                              "sampler noise from seed + k."),
@@ -91,7 +98,8 @@ def reconstruct(
                        command=" ".join(["mediff", *sys.argv[1:]]),
                        mri=MRIOptions(accel=accel, mask=mask, center_fraction=center_fraction, coils=coils,
                                       noise=noise),
-                       ct=CTOptions(views=views, limited_angle=limited_angle, dose=dose))
+                       ct=CTOptions(views=views, limited_angle=limited_angle, dose=dose, geometry=geometry,
+                                    source_distance=source_distance, detector_distance=detector_distance))
     if is_cohort(input):
         _cohort(req, out, overwrite)
         return

@@ -4,12 +4,16 @@ Inputs:
 
 * a CT image in HU (DICOM file or series, NIfTI, NPY, NPZ with ``hu``), 2D or a volume (the middle
   axial slices one by one (``ct_source``); NPY/NPZ stacks are (slices, H, W)), checked with ``check_hu``.
-  It is resampled onto the prior's N x N grid (area downsampling, air padding; the working pixel is
-  the input spacing times the downsampling factor, so line integrals keep their physical scale) and
-  a parallel-beam sinogram is simulated: sparse view (``views`` over 180 degrees), limited angle
-  (``views`` over [0, limited_angle) degrees) and/or low dose (Poisson counts, ``dose`` = I0 photons
-  per detector bin, from ``seed``). The input slice is the reference.
-* an NPZ holding a measured sinogram: ``sinogram`` (n_views, n_det) of line integrals,
+  A sinogram is simulated from it: parallel beam, or fan beam with a flat detector (``geometry``);
+  sparse view (``views`` over 180 degrees, 360 for fan beam), limited angle (``views`` over
+  [0, limited_angle) degrees) and/or low dose (Poisson counts, ``dose`` = I0 photons per detector
+  bin, from ``seed``). It is measured on the slice's own grid, as a scanner measures the object: on
+  a prior's grid when that is the slice's (a native-resolution prior), else at full resolution and
+  rebinned onto the coarser N x N working grid's detector (``hu_task``; a non-square slice is
+  resampled onto the working grid first, with air padding; the working pixel is the input spacing
+  times the downsampling factor, so line integrals keep their physical scale). The input slice is the
+  reference, on its own grid (``Task.input_reference``).
+* an NPZ holding a measured parallel-beam sinogram: ``sinogram`` (n_views, n_det) of line integrals,
   ``angles_deg`` (n_views,), ``image_size`` N (n_det must be ParallelBeamCT's default for N: the
   image diagonal in one-pixel bins), optional ``pixel_size_mm`` (default 1) and ``reference_hu``
   (N, N). The detector is rebinned (exact area average) onto the working grid's bins; ``dose``,
@@ -48,7 +52,7 @@ from torch import Tensor
 
 from mediff import baselines, io
 from mediff.errors import MediffError
-from mediff.physics.ct import MU_WATER_PER_MM, ParallelBeamCT, check_hu, check_sinogram, fbp, hu_to_mu, \
+from mediff.physics.ct import MU_WATER_PER_MM, FanBeamCT, ParallelBeamCT, check_hu, check_sinogram, fbp, hu_to_mu, \
     limited_angle_angles, simulate_sinogram, sparse_view_angles
 from mediff.physics.operators import LinearOperator, Weighted
 from mediff.recon import policy
@@ -92,6 +96,13 @@ def u_coefficients(hu_min: float, hu_max: float, mu_water: float = MU_WATER_PER_
 
 def _check_options(options: CTOptions) -> None:
     views, limited_angle, dose = options.views, options.limited_angle, options.dose
+    if options.geometry not in (None, "parallel", "fan"):
+        raise MediffError(f"--geometry must be parallel or fan, got {options.geometry!r}")
+    if not options.fan and (options.source_distance is not None or options.detector_distance is not None):
+        raise MediffError("--source-distance / --detector-distance set the fan beam: add --geometry fan")
+    src, det = options.distances
+    if not (math.isfinite(src) and src > 0 and math.isfinite(det) and det >= 0):
+        raise MediffError(f"fan-beam distances must be finite, source > 0 and detector >= 0 mm, got {src}, {det}")
     if views is not None and (int(views) != views or views < 1):
         raise MediffError(f"--views must be a positive integer, got {views!r}")
     if limited_angle is not None and not 0.0 < float(limited_angle) <= 180.0:
@@ -119,11 +130,17 @@ def _sinogram_noise(p: torch.Tensor, dose: float) -> tuple[float, torch.Tensor]:
     return float(mean.sqrt()), (mean / var).sqrt().float()
 
 
-def unit_operator(n: int, angles_deg: torch.Tensor, pixel_size_mm: float) -> tuple[ParallelBeamCT, float]:
+def unit_operator(n: int, angles_deg: torch.Tensor, pixel_size_mm: float, options: CTOptions = CTOptions()
+                  ) -> tuple[ParallelBeamCT | FanBeamCT, float]:
     """The u-problem's operator op = A / k (||op|| ~ 1) and k = pixel_size_mm sqrt(N V), so that the
-    physical projector of the N x N grid with ``pixel_size_mm`` pixels is A = k op."""
+    physical projector of the N x N grid with ``pixel_size_mm`` pixels is A = k op (parallel beam, or
+    fan beam with ``options``' distances, given in mm and scaled like the pixels)."""
     unit = 1.0 / math.sqrt(n * len(angles_deg))
-    return ParallelBeamCT(n, angles_deg, pixel_size_mm=unit), pixel_size_mm / unit
+    k = pixel_size_mm / unit
+    if options.fan:
+        src, det = options.distances
+        return FanBeamCT(n, angles_deg, src / k, det / k, pixel_size_mm=unit), k
+    return ParallelBeamCT(n, angles_deg, pixel_size_mm=unit), k
 
 
 def _u_data(y: torch.Tensor, op: ParallelBeamCT, k: float, hu_min: float, hu_max: float) -> torch.Tensor:
@@ -135,10 +152,23 @@ def _u_data(y: torch.Tensor, op: ParallelBeamCT, k: float, hu_min: float, hu_max
     return (y / (a * k)).float()
 
 
-def _angles(views: int, limited_angle: float | None) -> tuple[torch.Tensor, str]:
-    if limited_angle is None:
+def _angles(options: CTOptions) -> tuple[torch.Tensor, str]:
+    """The view angles (degrees) of ``options`` and their span in words: over 180 degrees for parallel
+    beam, 360 for fan beam (whose opposite rays are not the same line), or the limited angle."""
+    views, limited = int(options.n_views), options.limited_angle
+    if limited is None:
+        if options.fan:
+            return sparse_view_angles(views) * 2.0, "0-360 deg, fan beam"
         return sparse_view_angles(views), "0-180 deg"
-    return limited_angle_angles(views, limited_angle), f"0-{float(limited_angle):g} deg (limited angle)"
+    return limited_angle_angles(views, limited), f"0-{float(limited):g} deg (limited angle)" + \
+        (", fan beam" if options.fan else "")
+
+
+def _geometry(options: CTOptions) -> str:
+    if not options.fan:
+        return "parallel-beam"
+    src, det = options.distances
+    return f"fan-beam (flat detector; source {src:g} mm and detector {det:g} mm from the isocentre)"
 
 
 @dataclass(kw_only=True)
@@ -226,13 +256,13 @@ def simulate_ct(hu: np.ndarray, options: CTOptions = CTOptions(), seed: int = 0,
     """The CT problem of an HU slice (N, N) on the working grid (see module docstring); the slice
     (in u units) is the reference. Attenuation below air (HU < -1000) is clipped to 0 for simulation."""
     _check_options(options)
-    views, limited_angle, dose = options.n_views, options.limited_angle, options.dose
+    views, dose = options.n_views, options.dose
     hu = np.asarray(hu, dtype=np.float64)
     if hu.ndim != 2 or hu.shape[0] != hu.shape[1]:
         raise MediffError(f"the CT working grid must be square (N, N), got {hu.shape}")
     hu_min, hu_max = hu_range
-    angles, span = _angles(int(views), limited_angle)
-    op, k = unit_operator(hu.shape[0], angles, pixel_size_mm)
+    angles, span = _angles(options)
+    op, k = unit_operator(hu.shape[0], angles, pixel_size_mm, options)
     mu = hu_to_mu(torch.from_numpy(np.clip(hu, -1000.0, None)))[None, None]
     gen = torch.Generator().manual_seed(seed) if dose is not None else None
     y = simulate_sinogram(mu * k, op, dose, generator=gen)  # A mu = op (k mu): physical line integrals
@@ -240,10 +270,11 @@ def simulate_ct(hu: np.ndarray, options: CTOptions = CTOptions(), seed: int = 0,
     noise, weights = (0.0, None) if dose is None else _sinogram_noise(y, dose)
     noise /= a * k
     ref = torch.from_numpy(((hu - hu_min) / (hu_max - hu_min)).astype(np.float32))[None, None]
-    notes = [f"parallel-beam sinogram simulated from the HU image: {int(views)} views over {span}"
+    notes = [f"{_geometry(options)} sinogram simulated from the HU image: {int(views)} views over {span}"
              + ("" if dose is None else f", low dose I0 = {dose:g} photons/bin (Poisson, seed {seed}); diffusion "
                 "solvers and TV weight each bin by its inverse noise std (penalised weighted least squares)")]
     info = {"source": "simulated from image", "views": int(views), "angles": span, "dose_I0": dose,
+            "geometry": _geometry(options),
             "pixel_size_mm": float(pixel_size_mm), "grid": hu.shape[0], "hu_window": [hu_min, hu_max],
             "noise_sigma_u": noise}
     return CTTask(op=op, y=_u_data(y, op, k, hu_min, hu_max), noise_sigma=noise, scale=hu_max - hu_min,
@@ -329,18 +360,19 @@ def _simulated_at_full_resolution(hu: np.ndarray, px: float, size: int, options:
     not a downsampled copy) and rebinned onto the working grid's detector, as a measured one is; the
     task is scored against the slice on its own grid."""
     n = hu.shape[0]
-    angles, span = _angles(int(options.n_views), options.limited_angle)
-    full, k = unit_operator(n, angles, px)
+    angles, span = _angles(options)
+    full, k = unit_operator(n, angles, px, options)
     mu = hu_to_mu(torch.from_numpy(np.clip(hu.astype(np.float64), -1000.0, None)))[None, None]
     gen = torch.Generator().manual_seed(seed) if options.dose is not None else None
     y = simulate_sinogram(mu * k, full, options.dose, generator=gen)[0, 0].numpy()
-    task = sinogram_task(y, angles.numpy(), n, px, options.dose, size, hu_range, hu)
-    task.notes.insert(0, f"parallel-beam sinogram simulated from the HU image at its own {n}x{n} grid: "
+    task = sinogram_task(y, angles.numpy(), n, px, options.dose, size, hu_range, hu, options)
+    task.notes.insert(0, f"{_geometry(options)} sinogram simulated from the HU image at its own {n}x{n} grid: "
                          f"{int(options.n_views)} views over {span}" +
                       ("" if options.dose is None else f", low dose I0 = {options.dose:g} photons/bin (Poisson, "
                        f"seed {seed}); diffusion solvers and TV weight each bin by its inverse noise std"))
     task.notes.append(f"working grid {size}x{size}, pixel {task.info['pixel_size_mm']:.3g} mm")
-    task.info.update(source="simulated from image", views=int(options.n_views), angles=span)
+    task.info.update(source="simulated from image", views=int(options.n_views), angles=span,
+                     geometry=_geometry(options))
     return task
 
 
@@ -450,12 +482,14 @@ def _prepare_sinogram(path: Path, size: int | None, options: CTOptions, hu_range
 
 
 def sinogram_task(sino: np.ndarray, angles: np.ndarray, n: int, px: float, dose: float | None, size: int,
-                  hu_range: tuple[float, float], reference_hu: np.ndarray | None = None) -> CTTask:
+                  hu_range: tuple[float, float], reference_hu: np.ndarray | None = None,
+                  options: CTOptions = CTOptions()) -> CTTask:
     """The CT problem of a sinogram (V, D) of line integrals of an n x n grid of ``px`` mm pixels
-    (``angles`` (V,) degrees; D = ``ParallelBeamCT``'s detector count for n) on the size x size
-    working grid: the detector is rebinned onto the working grid's bins when the grids differ (exact
-    area average), and the task is scored against ``reference_hu`` (n, n) on the sinogram's own grid
-    when given. ``dose``: the scan's I0, which sets the noise model (None: noiseless)."""
+    (``angles`` (V,) degrees; D = the default detector count of ``options``' geometry for n) on the
+    size x size working grid: the detector is rebinned onto the working grid's bins when the grids
+    differ (exact area average; a fan beam's flat detector is rebinned at the isocentre, where both
+    grids' bins are their pixels), and the task is scored against ``reference_hu`` (n, n) on the
+    sinogram's own grid when given. ``dose``: the scan's I0, which sets the noise model (None: noiseless)."""
     n_det = sino.shape[1]
     hu_min, hu_max = hu_range
     notes: list[str] = []
@@ -463,7 +497,7 @@ def sinogram_task(sino: np.ndarray, angles: np.ndarray, n: int, px: float, dose:
     f = min(1.0, size / n)
     m = max(1, round(n * f))
     px_w = px * n / m
-    op, k = unit_operator(size, torch.from_numpy(angles), px_w)
+    op, k = unit_operator(size, torch.from_numpy(angles), px_w, options)
     noise_p = 0.0 if dose is None else _sinogram_noise(torch.from_numpy(sino), dose)[0]
     if (m, px_w) != (size, px) or op.n_detectors != n_det:
         # Object centre in the working grid (``fit_to_grid`` pads top/left by (size - m) // 2), in mm.

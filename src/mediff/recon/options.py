@@ -32,20 +32,38 @@ class MRIOptions:
 
 @dataclass(frozen=True)
 class CTOptions:
-    """How a CT sinogram is simulated: ``views`` over 180 degrees (None: ``DEFAULT_VIEWS``), or over
-    [0, ``limited_angle``) degrees; ``dose``: I0 photons per detector bin (Poisson noise; for a
-    sinogram file, its I0)."""
+    """How a CT sinogram is simulated: ``views`` over 180 degrees for parallel beam, 360 for fan beam
+    (None: ``DEFAULT_VIEWS``), or over [0, ``limited_angle``) degrees; ``dose``: I0 photons per
+    detector bin (Poisson noise; for a sinogram file, its I0). ``geometry``: "parallel" or "fan" (a
+    flat detector; ``source_distance`` source to isocentre and ``detector_distance`` isocentre to
+    detector, mm; None: ``FAN_DISTANCES``, a typical clinical scanner's)."""
 
     views: int | None = None
     limited_angle: float | None = None
     dose: float | None = None
+    geometry: str | None = None
+    source_distance: float | None = None
+    detector_distance: float | None = None
 
     DEFAULT_VIEWS = 60
+    FAN_DISTANCES = (595.0, 490.6)  # mm: source-isocentre 595, source-detector 1085.6
 
     @property
     def given(self) -> bool:
         """Whether any CT option was set (which selects CT mode)."""
-        return any(v is not None for v in (self.views, self.limited_angle, self.dose))
+        return any(v is not None for v in (self.views, self.limited_angle, self.dose, self.geometry,
+                                           self.source_distance, self.detector_distance))
+
+    @property
+    def fan(self) -> bool:
+        return self.geometry == "fan"
+
+    @property
+    def distances(self) -> tuple[float, float]:
+        """(source to isocentre, isocentre to detector) in mm of the fan beam."""
+        src, det = self.FAN_DISTANCES
+        return (src if self.source_distance is None else float(self.source_distance),
+                det if self.detector_distance is None else float(self.detector_distance))
 
     @property
     def n_views(self) -> int:
