@@ -178,3 +178,14 @@ def test_tile_only_for_priors_trained_on_crops_alone():
     crops_only = replace(meta, train={**meta.train, "patch_sizes": [64, 128], "full_prob": 0.0})
     assert crops_only.tile == 128
     assert replace(meta, train={**meta.train, "patch_sizes": []}).tile is None
+
+
+def test_data_pixel_spacing_round_trips_and_is_checked():
+    from mediff.errors import MediffError
+    from mediff.prior_meta import DataMeta
+
+    d = DataMeta("x", "f", 3, 1, ("a",), (0.5, 0.8))
+    assert DataMeta.from_dict(d.to_dict()) == d and d.to_dict()["pixel_spacing_mm"] == [0.5, 0.8]
+    assert "pixel_spacing_mm" not in DataMeta("x", "f", 3, 1, ("a",)).to_dict()  # unknown: absent, as before
+    with pytest.raises(MediffError, match="pixel_spacing_mm"):
+        DataMeta.from_dict({**d.to_dict(), "pixel_spacing_mm": [0.8, 0.5]})

@@ -601,3 +601,18 @@ def test_measured_kspace_tv_baseline_is_the_phase_reconstruction_not_solved_agai
     other = dataclasses.replace(task, op=type(task.op)(task.mask, task.op.coil_maps * 1j))
     assert other.baseline("tv", None) is not task.tv_solved[2]
     assert task.baseline("tv", 0.05) is not task.tv_solved[2]  # another weight: solved
+
+
+def test_mri_working_pixel_and_the_scale_warning(tmp_path: Path) -> None:
+    from mediff.recon import MRIOptions, prepare_mri
+    from mediff.recon.job import scale_note
+
+    img = np.zeros((64, 48), np.float32)
+    img[16:48, 12:36] = 1.0
+    from mediff import io
+
+    io.write_nifti(tmp_path / "a.nii.gz", img, np.diag([0.5, 0.5, 3.0, 1.0]))
+    task = prepare_mri(tmp_path / "a.nii.gz", 32, MRIOptions(accel=2))
+    assert task.info["pixel_size_mm"] == pytest.approx(1.0)  # 64 px of 0.5 mm onto 32 px
+    assert scale_note(1.0, (0.9, 1.1), "p") is None and scale_note(None, (1.0, 1.0), "p") is None
+    assert "2x the size" in scale_note(1.0, (2.0, 2.0), "p") and "0.5x the size" in scale_note(4.0, (2.0, 2.0), "p")

@@ -261,7 +261,7 @@ def tiny_priors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         train(root / f"{kind}.npz", root / kind, cfg, progress=False)
     # A native-resolution CT prior: 32 px crops of 64 px slices, never whole slices (it denoises in tiles).
     np.savez(root / "native.npz", hu=np.stack([regions(N)[0] * (1 + 0.1 * k) for k in range(6)]).clip(-1000, None)
-             .astype(np.int16), patient_id=np.asarray(["a", "b", "c"] * 2))
+             .astype(np.int16), patient_id=np.asarray(["a", "b", "c"] * 2), pixel_spacing_mm=np.full(6, PX))
     cfg = TrainConfig(size=N, steps=2, batch=2, checkpoint_every=2, val_every=2, n_val_subjects=1, patch_sizes=(32,),
                       full_prob=0.0, net={**net, "pos_channels": 2})
     train(root / "native.npz", root / "native", cfg, progress=False)
@@ -281,6 +281,19 @@ def test_native_resolution_prior_reconstructs_on_the_input_grid(tiny_priors: dic
     assert rec["problem"]["grid"] == N and f"on the {N}x{N} grid of the input" in rec["units"]
     assert all("PSNR_working_grid" not in row for row in rec["metrics"])
     assert load(out / "recon.nii.gz").shape == (N, N)
+    assert load_prior(tiny_priors["native"]).meta.data.pixel_spacing_mm == (PX, PX)
+    assert not any(n.startswith("warning") for n in rec["notes"])  # the scan's pixel is the prior's
+
+
+def test_a_scan_at_another_pixel_size_than_the_prior_learnt_is_flagged(tiny_priors: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    io.write_nifti(tmp_path / "fine.nii.gz", regions()[0], np.diag([PX / 3, PX / 3, PX, 1.0]))
+    out = tmp_path / "o"
+    code, _, err = run_cli("reconstruct", "--input", tmp_path / "fine.nii.gz", "--out", out, "--model",
+                           tiny_priors["native"], "--solver", "dds", "--steps", 1, "--views", 30, "--compare", "")
+    assert code == 0, err
+    notes = json.loads((out / "metrics.json").read_text())["notes"]
+    assert any("learnt from 1.5-1.5 mm pixels" in n and "3x the size" in n for n in notes), notes
 
 
 @pytest.mark.parametrize("case, needle", [("nan", "NaN"), ("mr", "Hounsfield"), ("sino", "sinogram must have shape"),

@@ -695,3 +695,23 @@ def test_train_user_errors(existing_run: tuple[Path, Path], tmp_path: Path, case
 def test_train_user_error_in_a_real_process(tmp_path: Path) -> None:
     code, _, err = run_proc("train", "--data", tmp_path / "nope.npz", "--out", tmp_path / "r", *TINY)
     assert_one_line_error(code, err, "not found")
+
+
+def test_pixel_spacing_is_read_scaled_to_the_grid_and_recorded(tmp_path: Path) -> None:
+    from mediff.data import load_slices
+    from mediff.errors import MediffError
+
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 64, 64)).astype(np.float32) + 0.5
+    np.savez(tmp_path / "a.npz", images=images, subject_index=np.arange(4), pixel_spacing_mm=[0.5, 0.6, 0.7, 0.8])
+    sl = load_slices(tmp_path / "a.npz", 32)
+    np.testing.assert_allclose(sl.pixel_spacing_mm, [1.0, 1.2, 1.4, 1.6])  # 64 -> 32 px: pixels twice as large
+    assert load_slices(tmp_path / "a.npz", 64, pixel_spacing=3.0).pixel_spacing_mm[0] == 0.5  # the file wins
+    np.savez(tmp_path / "b.npz", images=images, subject_index=np.arange(4))
+    assert load_slices(tmp_path / "b.npz", 64).pixel_spacing_mm is None
+    np.testing.assert_allclose(load_slices(tmp_path / "b.npz", 128, pixel_spacing=2.0).pixel_spacing_mm, 2.0)
+    with pytest.raises(MediffError, match="pixel-spacing"):
+        load_slices(tmp_path / "b.npz", 64, pixel_spacing=-1.0)
+    np.savez(tmp_path / "c.npz", images=images, subject_index=np.arange(4), pixel_spacing_mm=[1.0, 2.0])
+    with pytest.raises(MediffError, match="pixel_spacing_mm"):
+        load_slices(tmp_path / "c.npz", 64)

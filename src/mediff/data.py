@@ -33,7 +33,9 @@ INTENSITIES = ("auto", "percentile", "hu")
 
 @dataclass
 class SliceSet:
-    """images (N, 1, S, S) float32 in normalised units; subjects (N,) str; covariates (N, K) or None."""
+    """images (N, 1, S, S) float32 in normalised units; subjects (N,) str; covariates (N, K) or None;
+    pixel_spacing_mm (N,) float: each slice's in-plane pixel size on the S x S grid (after any
+    downsampling), or None when the data do not say."""
 
     images: Tensor
     subjects: np.ndarray
@@ -42,6 +44,7 @@ class SliceSet:
     fingerprint: str
     source: str
     normalization: dict = field(default_factory=lambda: {"kind": "percentile", "percentile": PERCENTILE})
+    pixel_spacing_mm: np.ndarray | None = None
 
     @property
     def is_hu(self) -> bool:
@@ -51,7 +54,7 @@ class SliceSet:
         t = torch.as_tensor(idx, dtype=torch.long)
         cov = self.covariates[t] if self.covariates is not None else None
         return SliceSet(self.images[t], self.subjects[idx], cov, self.covariate_spec, self.fingerprint, self.source,
-                        self.normalization)
+                        self.normalization, None if self.pixel_spacing_mm is None else self.pixel_spacing_mm[idx])
 
 
 def hu_normalization(hu_min: float = HU_WINDOW[0], hu_max: float = HU_WINDOW[1]) -> dict:
@@ -87,10 +90,12 @@ def _fingerprint(arrays: list[np.ndarray]) -> str:
 
 
 def load_slices(path: Path, size: int, covariates: Path | None = None, min_foreground: float = 0.05,
-                intensity: str = "auto") -> SliceSet:
+                intensity: str = "auto", pixel_spacing: float | None = None) -> SliceSet:
     """Load 2D training slices from an NPZ (``images`` or ``hu``, + ``subject_index``/``subject_ids``
-    or ``patient_id``), a folder of NIfTI volumes (axial slices), a DICOM series folder, or a folder of
-    PNG/TIFF files, in the units of ``intensity`` (module docstring).
+    or ``patient_id``, optional ``pixel_spacing_mm`` (N,) or scalar), a folder of NIfTI volumes (axial
+    slices), a DICOM series folder, or a folder of PNG/TIFF files, in the units of ``intensity``
+    (module docstring). Their pixel size comes from the data (NIfTI / DICOM geometry, the NPZ key),
+    else from ``pixel_spacing`` (mm, the user's word for data that carry none), else it is unknown.
 
     Slices with less than ``min_foreground`` of pixels above 0.1 (10 % of their 99.5th percentile;
     for HU: -800 HU) are dropped (they are mostly background and teach the prior nothing).
@@ -101,9 +106,9 @@ def load_slices(path: Path, size: int, covariates: Path | None = None, min_foreg
     if not path.exists():
         raise MediffError(f"training data not found: {path}")
     if path.suffix == ".npz":
-        raw, subjects, has_hu = _from_npz(path)
+        raw, subjects, has_hu, spacing = _from_npz(path)
     elif path.is_dir():
-        raw, subjects = _from_folder(path)
+        raw, subjects, spacing = _from_folder(path)
         has_hu = False
     else:
         raise MediffError(f"unsupported training data {path}: give an .npz or a folder of NIfTI/DICOM/PNG files")
@@ -123,15 +128,21 @@ def load_slices(path: Path, size: int, covariates: Path | None = None, min_foreg
     if not keep.any():
         raise MediffError(f"no usable slices in {path} (all below {min_foreground:.0%} foreground)")
     x, subjects = x[keep], subjects[keep]
+    if spacing is None and pixel_spacing is not None:
+        if not (np.isfinite(pixel_spacing) and pixel_spacing > 0):
+            raise MediffError(f"--pixel-spacing must be a positive size in mm, got {pixel_spacing}")
+        spacing = np.full(len(raw), float(pixel_spacing))
+    if spacing is not None:  # on the training grid: ``fit_to_size`` downsamples by size / side, or only pads
+        spacing = spacing[keep] * max(1.0, max(x.shape[1:]) / size)
     images = fit_to_size(torch.from_numpy(x)[:, None], size)
     cov, spec = (None, None)
     if covariates is not None:
         cov, spec = encode_covariates(covariates, subjects)
-    return SliceSet(images, subjects, cov, spec, _fingerprint([raw[keep]]), str(path), norm)
+    return SliceSet(images, subjects, cov, spec, _fingerprint([raw[keep]]), str(path), norm, spacing)
 
 
-def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(images (N, H, W), subjects (N,), whether the array is ``hu``)."""
+def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray | None]:
+    """(images (N, H, W), subjects (N,), whether the array is ``hu``, pixel spacing (N,) mm or None)."""
     try:
         d = np.load(path, allow_pickle=False)
         key = "images" if "images" in d.files else "hu" if "hu" in d.files else None
@@ -152,13 +163,21 @@ def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray, bool]:
         raise MediffError(f"{path}: '{key}' must be (N, H, W), got {images.shape}")
     if len(subjects) != len(images):
         raise MediffError(f"{path}: {len(subjects)} subject labels for {len(images)} images")
-    return images, subjects, key == "hu"
+    spacing = None
+    if "pixel_spacing_mm" in d.files:
+        sp = np.asarray(d["pixel_spacing_mm"], dtype=np.float64).reshape(-1)
+        if sp.size not in (1, len(images)) or not (np.isfinite(sp).all() and (sp > 0).all()):
+            raise MediffError(f"{path}: 'pixel_spacing_mm' must be positive, one value or one per image")
+        spacing = np.broadcast_to(sp, (len(images),)).copy()
+    return images, subjects, key == "hu", spacing
 
 
-def _from_folder(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Slices from a folder. Subjects: each subfolder (a DICOM series, or a stack of PNG/TIFF/NPY/DICOM
-    slices), each NIfTI/PNG/TIFF/NPY file at the top level, or the whole folder when it holds one DICOM
-    series. Put each patient's 2D slices in a subfolder so the split keeps them together."""
+def _from_folder(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Slices from a folder, their subjects, and their pixel spacing (mm, the mean of the two in-plane
+    axes; None unless every image carries its geometry). Subjects: each subfolder (a DICOM series, or
+    a stack of PNG/TIFF/NPY/DICOM slices), each NIfTI/PNG/TIFF/NPY file at the top level, or the whole
+    folder when it holds one DICOM series. Put each patient's 2D slices in a subfolder so the split
+    keeps them together."""
     from mediff import io
 
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
@@ -173,17 +192,20 @@ def _from_folder(path: Path) -> tuple[np.ndarray, np.ndarray]:
         vols += [(p.name, _read_subject_folder(p)) for p in entries if p.is_dir()]
     if not vols:
         raise MediffError(f"no NIfTI, DICOM, PNG/TIFF or NPY images in {path}")
-    slices, subjects = [], []
+    slices, subjects, spacing = [], [], []
     for name, img in vols:
         arr = np.asarray(img.array, dtype=np.float32)
         stack = arr[None] if arr.ndim == 2 else np.moveaxis(arr, 2, 0)  # volumes: slices along axis 2
         slices.extend(stack)
         subjects.extend([name] * len(stack))
+        known = img.meta.get("spacing_known", False) and len(img.spacing) >= 2
+        spacing.extend([float(np.mean(img.spacing[:2])) if known else np.nan] * len(stack))
     side = max(max(s.shape) for s in slices)
     # Pad with each slice's minimum: 0 for MR, air for CT in HU (a DICOM CT folder keeps its HU).
     slices = [np.pad(s, [(0, side - s.shape[0]), (0, side - s.shape[1])], constant_values=min(float(s.min()), 0.0))
               for s in slices]
-    return np.stack(slices), np.asarray(subjects)
+    spacing = np.asarray(spacing)
+    return np.stack(slices), np.asarray(subjects), None if np.isnan(spacing).any() else spacing
 
 
 def _read_subject_folder(folder: Path):

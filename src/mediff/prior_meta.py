@@ -62,6 +62,9 @@ class DataMeta:
     n_train_slices, n_val_slices: slices of the training and of the held-out subjects.
     val_subjects: the held-out subjects (sorted ids), never seen in training: benchmarks and tests
         evaluate on them.
+    pixel_spacing_mm: (smallest, largest) in-plane pixel size of the training slices on the prior's
+        grid, in mm, or None when the data did not say (key absent): the scale at which the prior
+        learnt anatomy, against which a scan's working-grid pixel is checked.
     extra: keys this version does not know, kept as read.
     """
 
@@ -70,9 +73,10 @@ class DataMeta:
     n_train_slices: int
     n_val_slices: int
     val_subjects: tuple[str, ...]
+    pixel_spacing_mm: tuple[float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("source", "fingerprint", "n_train_slices", "n_val_slices", "val_subjects")
+    _KEYS = ("source", "fingerprint", "n_train_slices", "n_val_slices", "val_subjects", "pixel_spacing_mm")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DataMeta":
@@ -80,14 +84,23 @@ class DataMeta:
         if not all(isinstance(s, str) for s in subjects):
             raise MediffError(f"prior metadata 'data.val_subjects' must be a list of strings, got "
                               f"{reprlib.repr(subjects)}")
+        spacing = None
+        if "pixel_spacing_mm" in d:
+            sp = _get(d, "pixel_spacing_mm", list, "data.")
+            if len(sp) != 2 or not all(isinstance(v, (int, float)) and v > 0 for v in sp) or sp[0] > sp[1]:
+                raise MediffError(f"prior metadata 'data.pixel_spacing_mm' must be [smallest, largest] in mm, got "
+                                  f"{reprlib.repr(sp)}")
+            spacing = (float(sp[0]), float(sp[1]))
         return cls(_get(d, "source", str, "data."), _get(d, "fingerprint", str, "data."),
                    _get(d, "n_train_slices", int, "data."), _get(d, "n_val_slices", int, "data."),
-                   tuple(subjects), _extra(d, cls._KEYS))
+                   tuple(subjects), spacing, _extra(d, cls._KEYS))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "fingerprint": self.fingerprint, "n_train_slices": self.n_train_slices,
-                "n_val_slices": self.n_val_slices, "val_subjects": list(self.val_subjects),
-                **copy.deepcopy(self.extra)}
+        d = {"source": self.source, "fingerprint": self.fingerprint, "n_train_slices": self.n_train_slices,
+             "n_val_slices": self.n_val_slices, "val_subjects": list(self.val_subjects)}
+        if self.pixel_spacing_mm is not None:
+            d["pixel_spacing_mm"] = list(self.pixel_spacing_mm)
+        return {**d, **copy.deepcopy(self.extra)}
 
 
 @dataclass(frozen=True)

@@ -176,9 +176,11 @@ class Trainer:
     # ---- checkpoint -------------------------------------------------------------------------------
     def metadata(self) -> PriorMeta:
         sig_min, sig_max = edm_sigma_range(self.sigma_data)
+        sp = self.train.pixel_spacing_mm
         data = DataMeta(source=self.data.source, fingerprint=self.data.fingerprint,
                         n_train_slices=len(self.train.images), n_val_slices=len(self.val.images),
-                        val_subjects=tuple(sorted(set(self.val.subjects.tolist()))))
+                        val_subjects=tuple(sorted(set(self.val.subjects.tolist()))),
+                        pixel_spacing_mm=None if sp is None else (round(float(sp.min()), 4), round(float(sp.max()), 4)))
         return PriorMeta(kind="edm", net=self.cfg.net, sigma_data=self.sigma_data, data_mean=self.data_mean,
                          sigma_min=sig_min, sigma_max=sig_max, image_size=self.cfg.size,
                          normalization=self.data.normalization, covariates=self.data.covariate_spec, data=data,
@@ -424,12 +426,13 @@ def init_distributed(device: torch.device) -> bool:
 
 
 def train(data_path: Path, out_dir: Path, cfg: TrainConfig, covariates: Path | None = None,
-          resume: bool = False, progress: bool = True, device: str = "auto") -> Trainer:
+          resume: bool = False, progress: bool = True, device: str = "auto",
+          pixel_spacing: float | None = None) -> Trainer:
     """Load data, split by subject, train to ``cfg.steps`` with checkpoints in ``out_dir`` on ``device``
-    (``resolve_device``)."""
+    (``resolve_device``). ``pixel_spacing``: the data's pixel size in mm when their files do not say."""
     dev = resolve_device(device)
     init_distributed(dev)
-    data = load_slices(Path(data_path), cfg.size, covariates, intensity=cfg.intensity)
+    data = load_slices(Path(data_path), cfg.size, covariates, intensity=cfg.intensity, pixel_spacing=pixel_spacing)
     trainer = Trainer(data, out_dir, cfg, resume=resume, device=dev)
     trainer.fit(progress=progress)
     return trainer

@@ -45,6 +45,9 @@ def train(
                                     "empty: whole images only."),
     full_prob: float = typer.Option(0.5, help="With --patch-sizes: probability of a whole-image step."),
     position: bool = typer.Option(False, "--position", help="Pixel coordinates as extra network inputs."),
+    pixel_spacing: Optional[float] = typer.Option(None, "--pixel-spacing", metavar="MM", help="In-plane pixel "
+                                                  "size of data whose files do not say (NPZ without "
+                                                  "'pixel_spacing_mm', PNG); recorded in the prior."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     device: str = typer.Option("auto", help="auto (CUDA when available) | cpu | cuda. A run may resume on "
@@ -63,7 +66,8 @@ def train(
                       checkpoint_every=checkpoint_every, val_every=val_every, seed=seed, net=net.to_dict(),
                       intensity=intensity, patch_sizes=_ints(patch_sizes, "--patch-sizes") if patch_sizes else (),
                       full_prob=full_prob)
-    trainer = run(data, out, cfg, covariates=covariates, resume=resume, progress=progress, device=device)
+    trainer = run(data, out, cfg, covariates=covariates, resume=resume, progress=progress, device=device,
+                  pixel_spacing=pixel_spacing)
     if trainer.rank == 0:
         console.print(f"[green]done[/]: step {trainer.step}, prior at {Path(out) / 'prior.safetensors'}")
 

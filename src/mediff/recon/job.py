@@ -60,19 +60,44 @@ def slice_source(req: ReconRequest, prior=None) -> SliceSource:
     path = Path(req.input)
     ct = (prior is not None and prior.meta.is_hu) or req.ct.given or req.solver == "fbp" or is_ct_input(path)
     if not ct:
-        return mri_source(path, prior.image_size if prior is not None else MRI_BASELINE_SIZE, req.mri, req.seed)
-    source = ct_source(path, prior.image_size if prior is not None else None, req.ct, req.seed,
-                       normalization=None if prior is None else prior.meta.normalization,
-                       prior_name=None if prior is None else prior.name)
-    if not (ignored := req.mri.changed()):
+        source = mri_source(path, prior.image_size if prior is not None else MRI_BASELINE_SIZE, req.mri, req.seed)
+        ignored: tuple[str, ...] = ()
+    else:
+        source = ct_source(path, prior.image_size if prior is not None else None, req.ct, req.seed,
+                           normalization=None if prior is None else prior.meta.normalization,
+                           prior_name=None if prior is None else prior.name)
+        ignored = req.mri.changed()
+    trained = None if prior is None else prior.meta.data.pixel_spacing_mm
+    if not ignored and trained is None:
         return source
 
     def build(k: int) -> Task:
         task = source.build(k)
-        task.notes.append(f"MRI options ignored for CT: {', '.join(ignored)}")
+        if ignored:
+            task.notes.append(f"MRI options ignored for CT: {', '.join(ignored)}")
+        if trained is not None and (note := scale_note(task.info.get("pixel_size_mm"), trained, prior.name)):
+            task.notes.append(note)
         return task
 
     return SliceSource(source.n, build, source.what)
+
+
+SCALE_TOLERANCE = 1.25  # a working pixel this much outside the prior's trained range gets a warning
+
+
+def scale_note(pixel_mm: float | None, trained: tuple[float, float] | None, name: str) -> str | None:
+    """A warning when the working grid's pixel (mm) lies outside the range of pixel sizes the prior
+    learnt (``PriorMeta.data.pixel_spacing_mm``) by more than SCALE_TOLERANCE: a network learns
+    anatomy at a scale, and structures shown at another size are not what it learnt. None when
+    either is unknown or they agree."""
+    if pixel_mm is None or trained is None:
+        return None
+    lo, hi = trained
+    if lo / SCALE_TOLERANCE <= pixel_mm <= hi * SCALE_TOLERANCE:
+        return None
+    size = lo / pixel_mm if pixel_mm < lo else hi / pixel_mm
+    return (f"warning: the working grid's pixel is {pixel_mm:.3g} mm, but {name} learnt from {lo:.3g}-{hi:.3g} mm "
+            f"pixels: anatomy appears at {size:.2g}x the size it learnt, so the prior may not fit this scan")
 
 
 def reconstruct(req: ReconRequest, out_dir: Path) -> dict:

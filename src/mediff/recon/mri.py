@@ -172,6 +172,9 @@ def _image_task(img: io.MedicalImage, k: int, path: Path, size: int, options: MR
     work, back, fit_note = fit_to_grid(np.clip(image, 0, None), size)
     task = simulate_mri(work, options, seed)
     task.to_input, task.affine, task.grid = back, affine, grid
+    if img.meta.get("spacing_known", False):  # the working pixel: the input's, times the downsampling
+        px = float(np.mean(np.linalg.norm(np.asarray(affine)[:3, :2], axis=0)))
+        task.info["pixel_size_mm"] = px * max(1.0, max(image.shape) / size)
     if fit_note:  # scored on the input's grid, against the input slice itself
         task.input_reference = np.clip(image, 0, None).astype(np.float32)
     task.notes[:0] = [n for n in (note, fit_note) if n]
