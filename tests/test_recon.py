@@ -572,6 +572,8 @@ def test_dds_cg_steps_follow_the_operator(prior: Path, monkeypatch: pytest.Monke
     assert default_cg_iters(single, "dds") == DDS_CG_ITERS["mri-single"] == 5
     assert default_cg_iters(multi, "dds") == DDS_CG_ITERS["mri-multi"] > 5
     assert default_cg_iters(ct, "dds") == DDS_CG_ITERS["ct"] > DDS_CG_ITERS["mri-multi"]
+    fine = simulate_ct(np.full((512, 512), -1000.0), CTOptions(views=4), seed=0)  # a 512-px slice's own grid
+    assert fine.family == "ct-fine" and default_cg_iters(fine, "dds") == DDS_CG_ITERS["ct-fine"]
     assert default_cg_iters(single, "ddnm") == SOLVERS["ddnm"].cg_iters
     p = load_prior(prior)
     monkeypatch.setitem(SOLVERS, "dds-cg5", SolverSpec("ddim", "prox", cg_iters=5, eta=SOLVERS["dds"].eta))

@@ -13,7 +13,10 @@ from mediff.solvers import SOLVERS
 # CG steps per DDS update (benchmarks/dds_sweep.py --tuning). Single-coil MRI: A^H A = F^H M F is a
 # projection, so CG converges in a few steps. Multi-coil SENSE: its spectrum is spread, more steps
 # help until the maps' error dominates. CT: ill-conditioned, gains continue well past 20 steps.
-DDS_CG_ITERS = {"mri-single": 5, "mri-multi": 20, "ct": 40}
+# CT on grids finer than 256 px (a 512-px slice's own grid): each step costs 16x a 128-px one, so the
+# count is the time / accuracy trade measured there (benchmarks/ct.py --native --cg-iters on tuning
+# patients).
+DDS_CG_ITERS = {"mri-single": 5, "mri-multi": 20, "ct": 40, "ct-fine": 10}
 
 # Baseline weights in the prior's normalised units. MRI: benchmarks/mri.py --tune (x4, single coil).
 # CT: relative to ||A||^2 (the weight passed to tv_reconstruct is lam * ||A||^2), so it does not
