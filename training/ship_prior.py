@@ -114,19 +114,17 @@ def benchmark_lines(name: str, run: Path, meta: PriorMeta) -> list[str]:
                             "prior). Shipped: the candidate with the higher DDS PSNR (the CLI's default solver), "
                             "denoising PSNR breaking ties. Samples of both (`mediff sample --n 8 --steps 24 --seed 0`): "
                             "`docs/ct-samples-whole.png`, `docs/ct-samples-patch.png`.", ""]
-    if name == "ct-native" and (res / "ct_native.json").exists():
-        d = json.loads((res / "ct_native.json").read_text())
-        if meta.step not in d["meta"]["prior_step"].values():
-            return []
+    runs = [json.loads(f.read_text()) for f in sorted(res.glob("ct_native_*.json")) if not f.stem.endswith("_lambda")]
+    runs = [d for d in runs if meta.step in d["meta"].get("prior_step", {}).values()]
+    if name == "ct-native" and runs:
         keys = ["task", "method", "grid", "NFE", "PSNR", "SSIM", "s_per_slice"]
-        lines = [f"## Reconstruction on the slices' own 512-px grid ({d['meta']['n_slices']} slices of "
-                 f"{len(d['meta']['eval_patients'])} held-out patients)", "",
-                 "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
+        lines = [f"## Reconstruction on the slices' own 512-px grid ({runs[0]['meta']['n_slices']} slices of "
+                 "held-out patients per task)", "", "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
         lines += ["| " + " | ".join(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
-                  for r in d["rows"]]
-        return lines + ["", f"`python benchmarks/ct.py --native --model {d['meta']['model']} ...` (README; PSNR/SSIM "
-                            "in the HU window [-1000, 1000] on each slice's own grid, against the slice; grid: the "
-                            "method's working grid).", ""]
+                  for d in runs for r in d["rows"]]
+        return lines + ["", f"`python benchmarks/ct.py --native --model {runs[0]['meta']['model']} ...` (README; "
+                            "PSNR/SSIM in the HU window [-1000, 1000] on each slice's own grid, against the slice; "
+                            "grid: the method's working grid).", ""]
     den = res / "denoise.json"
     if name == "brain-t1" and den.exists():
         d = json.loads(den.read_text())

@@ -220,7 +220,7 @@ class CTTask(Task):
         if method == "fbp":
             return x0
         # TV: the weight is relative to ||A||^2 (policy.BASELINE_LAMBDA), started at FBP; PWLS for low dose.
-        lam = policy.BASELINE_LAMBDA["ct"][method] if lam is None else lam
+        lam = policy.BASELINE_LAMBDA[self.family][method] if lam is None else lam
         op, y = self.data()
         s = float(baselines.op_norm(op, x0, 30)[0]) * 1.01
         return baselines.tv_reconstruct(op, y, lam * s * s, iters=policy.BASELINE_ITERS["ct"], x0=x0, a_norm=s)

@@ -21,7 +21,8 @@ DDS_CG_ITERS = {"mri-single": 5, "mri-multi": 20, "ct": 40, "ct-fine": 10}
 # Baseline weights in the prior's normalised units. MRI: benchmarks/mri.py --tune (x4, single coil).
 # CT: relative to ||A||^2 (the weight passed to tv_reconstruct is lam * ||A||^2), so it does not
 # depend on the number of views or the pixel size; benchmarks/ct.py (60 views, training patients).
-BASELINE_LAMBDA = {"mri": {"tv": 1.6e-2, "l1wavelet": 1e-3}, "ct": {"tv": 1e-4}}
+# CT on grids finer than 256 px: benchmarks/ct.py --native (512 px; 1e-3 at 60 views, 3e-3 at 30).
+BASELINE_LAMBDA = {"mri": {"tv": 1.6e-2, "l1wavelet": 1e-3}, "ct": {"tv": 1e-4}, "ct-fine": {"tv": 1e-3}}
 
 # Iterations of the iterative baselines. CT's PDHG converges slowly on the ill-conditioned projector:
 # more iterations, started at FBP.
