@@ -264,18 +264,12 @@ def simulate_ct(hu: np.ndarray, options: CTOptions = CTOptions(), seed: int = 0,
     if hu.ndim != 2 or hu.shape[0] != hu.shape[1]:
         raise MediffError(f"the CT working grid must be square (N, N), got {hu.shape}")
     hu_min, hu_max = hu_range
-    angles, span = _angles(options)
-    op, k = unit_operator(hu.shape[0], angles, pixel_size_mm, options)
-    mu = hu_to_mu(torch.from_numpy(np.clip(hu, -1000.0, None)))[None, None]
-    gen = torch.Generator().manual_seed(seed) if dose is not None else None
-    y = simulate_sinogram(mu * k, op, dose, generator=gen)  # A mu = op (k mu): physical line integrals
+    y, op, k, angles, span = _simulate(hu, pixel_size_mm, options, seed)
     a, _ = u_coefficients(hu_min, hu_max)
     noise, weights = (0.0, None) if dose is None else _sinogram_noise(y, dose)
     noise /= a * k
     ref = torch.from_numpy(((hu - hu_min) / (hu_max - hu_min)).astype(np.float32))[None, None]
-    notes = [f"{_geometry(options)} sinogram simulated from the HU image: {int(views)} views over {span}"
-             + ("" if dose is None else f", low dose I0 = {dose:g} photons/bin (Poisson, seed {seed}); diffusion "
-                "solvers and TV weight each bin by its inverse noise std (penalised weighted least squares)")]
+    notes = [_simulation_note(options, seed, span)]
     info = {"source": "simulated from image", "views": int(views), "angles": span, "dose_I0": dose,
             "geometry": _geometry(options),
             "pixel_size_mm": float(pixel_size_mm), "grid": hu.shape[0], "hu_window": [hu_min, hu_max],
@@ -283,6 +277,26 @@ def simulate_ct(hu: np.ndarray, options: CTOptions = CTOptions(), seed: int = 0,
     return CTTask(op=op, y=_u_data(y, op, k, hu_min, hu_max), noise_sigma=noise, scale=hu_max - hu_min,
                   reference=ref, notes=notes, info=info, offset=hu_min, sinogram=y[0, 0].float().numpy(),
                   weights=weights)
+
+
+def _simulate(hu: np.ndarray, px: float, options: CTOptions, seed: int
+              ) -> tuple[Tensor, ParallelBeamCT | FanBeamCT, float, Tensor, str]:
+    """The sinogram ``options`` measure of an HU slice (N, N) of ``px`` mm pixels on its own grid:
+    (physical line integrals (1, 1, V, D) float64, the unit operator op and k with A = k op, the view
+    angles (V,) in degrees, their span in words). Attenuation below air is clipped to 0; low-dose
+    counts are drawn from ``seed``."""
+    angles, span = _angles(options)
+    op, k = unit_operator(hu.shape[0], angles, px, options)
+    mu = hu_to_mu(torch.from_numpy(np.clip(np.asarray(hu, dtype=np.float64), -1000.0, None)))[None, None]
+    gen = torch.Generator().manual_seed(seed) if options.dose is not None else None
+    return simulate_sinogram(mu * k, op, options.dose, generator=gen), op, k, angles, span  # A mu = op (k mu)
+
+
+def _simulation_note(options: CTOptions, seed: int, span: str, where: str = "") -> str:
+    return (f"{_geometry(options)} sinogram simulated from the HU image{where}: {int(options.n_views)} views over "
+            f"{span}" + ("" if options.dose is None else f", low dose I0 = {options.dose:g} photons/bin (Poisson, "
+                         f"seed {seed}); diffusion solvers and TV weight each bin by its inverse noise std "
+                         "(penalised weighted least squares)"))
 
 
 def ct_source(path: Path, size: int | None, options: CTOptions = CTOptions(), seed: int = 0,
@@ -363,16 +377,9 @@ def _simulated_at_full_resolution(hu: np.ndarray, px: float, size: int, options:
     not a downsampled copy) and rebinned onto the working grid's detector, as a measured one is; the
     task is scored against the slice on its own grid."""
     n = hu.shape[0]
-    angles, span = _angles(options)
-    full, k = unit_operator(n, angles, px, options)
-    mu = hu_to_mu(torch.from_numpy(np.clip(hu.astype(np.float64), -1000.0, None)))[None, None]
-    gen = torch.Generator().manual_seed(seed) if options.dose is not None else None
-    y = simulate_sinogram(mu * k, full, options.dose, generator=gen)[0, 0].numpy()
-    task = sinogram_task(y, angles.numpy(), n, px, options.dose, size, hu_range, hu, options)
-    task.notes.insert(0, f"{_geometry(options)} sinogram simulated from the HU image at its own {n}x{n} grid: "
-                         f"{int(options.n_views)} views over {span}" +
-                      ("" if options.dose is None else f", low dose I0 = {options.dose:g} photons/bin (Poisson, "
-                       f"seed {seed}); diffusion solvers and TV weight each bin by its inverse noise std"))
+    y, _, _, angles, span = _simulate(hu, px, options, seed)
+    task = sinogram_task(y[0, 0].numpy(), angles.numpy(), n, px, options.dose, size, hu_range, hu, options)
+    task.notes.insert(0, _simulation_note(options, seed, span, f" at its own {n}x{n} grid"))
     task.notes.append(f"working grid {size}x{size}, pixel {task.info['pixel_size_mm']:.3g} mm")
     task.info.update(source="simulated from image", views=int(options.n_views), angles=span,
                      geometry=_geometry(options))
