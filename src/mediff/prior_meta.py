@@ -21,7 +21,7 @@ import copy
 import reprlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
@@ -51,6 +51,12 @@ def _get(d: Mapping[str, Any], key: str, kind: type, where: str = "", nullable: 
 
 def _extra(d: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
     return {k: copy.deepcopy(v) for k, v in d.items() if k not in known}
+
+
+def crop_tile(patch_sizes: Sequence[int], full_prob: float) -> int | None:
+    """The tile side of a network trained on crops of ``patch_sizes`` with whole images in a fraction
+    ``full_prob`` of the steps: its largest crop when it never saw a whole image, else None."""
+    return int(max(patch_sizes)) if patch_sizes and full_prob == 0.0 else None
 
 
 @dataclass(frozen=True)
@@ -210,8 +216,7 @@ class PriorMeta:
     def tile(self) -> int | None:
         """The tile side at which a prior trained on crops only (patch sizes, no whole-image steps)
         denoises larger images (``EDMPrecond.tile``: its largest crop), or None."""
-        sizes = self.train.get("patch_sizes") or ()
-        return int(max(sizes)) if sizes and float(self.train.get("full_prob", 1.0)) == 0.0 else None
+        return crop_tile(self.train.get("patch_sizes") or (), float(self.train.get("full_prob", 1.0)))
 
     def data_mismatch(self, other: "PriorMeta") -> str | None:
         """The first of image_size, normalization, covariates where ``other`` models other images

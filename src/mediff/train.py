@@ -33,7 +33,7 @@ from mediff.denoiser import EDMPrecond, edm_sigma_range
 from mediff.errors import MediffError
 from mediff.io import atomic_write
 from mediff.nets import LeanUNet, UNetConfig, coordinate_grid
-from mediff.prior_meta import DataMeta, PriorMeta, read_prior_file
+from mediff.prior_meta import DataMeta, PriorMeta, crop_tile, read_prior_file
 
 VAL_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -151,8 +151,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # initial weights: a function of the seed, not the global RNG
             torch.manual_seed(cfg.seed)
             # Crops only: the EMA (validation, the shipped prior) denoises whole images tile by tile.
-            tile = max(cfg.patch_sizes) if cfg.patch_sizes and cfg.full_prob == 0.0 else None
-            self.model = EDMPrecond(LeanUNet(net_cfg), self.sigma_data, self.data_mean, tile=tile,
+            self.model = EDMPrecond(LeanUNet(net_cfg), self.sigma_data, self.data_mean,
+                                    tile=crop_tile(cfg.patch_sizes, cfg.full_prob),
                                     tile_multiple=net_cfg.multiple).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
