@@ -65,10 +65,11 @@ def main() -> None:
         clean = torch.stack([prior.normalize(fit_hu(hu, size, px)[0])[0] for _, hu, px in slices]).clamp_min(0)[:, None]
         row: dict = {"candidate": name, "step": prior.meta.step, "images_seen": prior.meta.images_seen}
         row.update(denoise_psnr(prior, clean))
-        if prior.model.tile is not None:  # crops only: tile by tile (the default) against the whole slice at once
-            tile, prior.model.tile = prior.model.tile, None
+        net = getattr(prior.model, "fine", prior.model)  # a two-scale prior's fine network
+        if net.tile is not None:  # crops only: tile by tile (the default) against the whole slice at once
+            tile, net.tile = net.tile, None
             row.update({f"{k}_whole_image": v for k, v in denoise_psnr(prior, clean).items()})
-            prior.model.tile = tile
+            net.tile = tile
         for m in ["fbp", *[s for s in args.solvers.split(",") if s]]:
             psnr = [t.score(run_solver(t, m, prior, args.steps, seed=i).mean)["PSNR"]
                     for i, t in enumerate(make_task(hu, px, size, (args.views, None, None), i, hu_range)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mediff.denoiser import (AutoGuidedDenoiser, CFGDenoiser, EDMPrecond, EpsAdapter, GaussianDenoiser,
+from mediff.denoiser import (AutoGuidedDenoiser, CFGDenoiser, EDMPrecond, EpsAdapter, GaussianDenoiser, TwoScale,
                              edm_sigma_range, linear_beta_alphas_cumprod)
 from mediff.samplers import sample_heun
 from mediff.schedules import karras
@@ -366,3 +366,39 @@ def test_tiled_denoiser_is_differentiable_in_x():
     whole_x = x.detach().clone().requires_grad_(True)
     EDMPrecond(net, 0.3, 0.0)(whole_x, torch.full((1,), 0.5)).sum().backward()
     torch.testing.assert_close(x.grad, whole_x.grad)
+
+
+def _net(den, calls: list | None = None):
+    """A (x, sigma, cond) network of a (x, sigma) denoiser, counting its calls."""
+    def f(x, sigma, cond=None):
+        if calls is not None:
+            calls.append(len(x))
+        return den(x, sigma)
+    return f
+
+
+def test_two_scale_with_a_coarse_model_that_agrees_is_the_fine_model():
+    # iid N(mu, s^2) pixels: the means of f x f blocks are N(mu, s^2 / f^2), their noise sigma / f, so the
+    # coarse Gaussian denoiser N(mu, (s / f)^2) gives exactly the block means of the fine one.
+    f, mu, s = 4, 0.3, 0.7
+    fine, coarse = GaussianDenoiser(mu, s), GaussianDenoiser(mu, s / f)
+    two = TwoScale(_net(fine), _net(coarse), f, from_sigma=0.0)
+    x, sigma = torch.randn(3, 1, 16, 24, dtype=torch.float64), torch.tensor([0.05, 1.0, 20.0], dtype=torch.float64)
+    torch.testing.assert_close(two(x, sigma), fine(x, sigma))
+
+
+def test_two_scale_takes_the_coarse_block_means_from_from_sigma_up_per_item():
+    f, c = 2, 0.25
+    fine = GaussianDenoiser(0.0, 1.0)
+    calls: list[int] = []
+    biased = _net(lambda x, s: GaussianDenoiser(0.0, 1.0 / f)(x, s) + c, calls)  # block means off by c
+    two = TwoScale(_net(fine), biased, f, from_sigma=0.5)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    out = two(x, torch.tensor([0.1, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(out[0], fine(x[:1], torch.tensor([0.1]))[0])  # below from_sigma: the fine model
+    torch.testing.assert_close(out[1], fine(x[1:], torch.tensor([2.0]))[0] + c)  # a constant upsamples to itself
+    assert calls == [2]
+    two(x, torch.tensor([0.1, 0.2]))  # no item at or above from_sigma: the coarse model is not run
+    assert calls == [2]
+    with pytest.raises(ValueError, match="multiples of 2"):
+        two(torch.randn(1, 1, 9, 8), torch.tensor([1.0]))

@@ -285,6 +285,46 @@ def test_native_resolution_prior_reconstructs_on_the_input_grid(tiny_priors: dic
     assert not any(n.startswith("warning") for n in rec["notes"])  # the scan's pixel is the prior's
 
 
+def test_a_crop_prior_with_a_coarse_whole_image_model_reconstructs_as_two_scales(tiny_priors: dict[str, Path],
+                                                                                  files: dict[str, Path],
+                                                                                  tmp_path: Path) -> None:
+    from mediff.denoiser import TwoScale
+    from mediff.prior import attach_coarse, attach_guide, load_prior
+    from mediff.prior_meta import PriorMeta
+
+    two_path = tmp_path / "two.safetensors"
+    attach_coarse(tiny_priors["native"], tiny_priors["ct"], 0.3, two_path)
+    two, fine, coarse = (load_prior(p) for p in (two_path, tiny_priors["native"], tiny_priors["ct"]))
+    assert isinstance(two.model, TwoScale) and (two.model.factor, two.model.from_sigma) == (2, 0.3)
+    assert two.meta.coarse.image_size == 32 and two.meta.coarse.tile is None and two.meta.tile == 32
+    assert PriorMeta.from_dict(two.meta.to_dict()) == two.meta and two.meta.coarse.step == coarse.meta.step
+    with pytest.raises(MediffError, match="'coarse.from_sigma' must be a number"):
+        PriorMeta.from_dict({**two.meta.to_dict(), "coarse": {**two.meta.coarse.to_dict(), "from_sigma": "x"}})
+    x = torch.rand(1, 1, N, N, generator=torch.Generator().manual_seed(0))
+    for s, want in ((0.1, fine(x, torch.tensor([0.1]))), (1.0, None)):
+        got = two(x, torch.tensor([s]))
+        if want is None:  # the fine estimate with its 2 x 2 block means replaced by the coarse model's
+            delta = coarse(torch.nn.functional.avg_pool2d(x, 2), torch.tensor([s / 2])) - \
+                torch.nn.functional.avg_pool2d(fine(x, torch.tensor([s])), 2)
+            want = fine(x, torch.tensor([s])) + torch.nn.functional.interpolate(delta, scale_factor=2, mode="bilinear")
+        torch.testing.assert_close(got, want)
+    guided = tmp_path / "guided.safetensors"  # a guide attached later keeps the coarse model
+    attach_guide(two_path, tiny_priors["native"], 2.0, guided)
+    assert isinstance(load_prior(guided).model, TwoScale) and load_prior(guided).guide is not None
+    out = tmp_path / "o"
+    code, _, err = run_cli("reconstruct", "--input", files["nii"], "--out", out, "--model", two_path,
+                           "--solver", "dds", "--steps", 2, "--views", 30)
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["problem"]["grid"] == N
+    with pytest.raises(MediffError, match="not an integer factor"):
+        attach_coarse(tiny_priors["ct"], tiny_priors["native"], 0.3, tmp_path / "x.safetensors")
+    with pytest.raises(MediffError, match="different normalization"):
+        attach_coarse(tiny_priors["native"], tiny_priors["mr"], 0.3, tmp_path / "x.safetensors")
+    with pytest.raises(MediffError, match="ships a coarse model of its own"):
+        attach_coarse(tiny_priors["native"], two_path, 0.3, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_a_scan_at_another_pixel_size_than_the_prior_learnt_is_flagged(tiny_priors: dict[str, Path],
                                                                       tmp_path: Path) -> None:
     io.write_nifti(tmp_path / "fine.nii.gz", regions()[0], np.diag([PX / 3, PX / 3, PX, 1.0]))

@@ -3,7 +3,10 @@ the run's compact resumable state (``resume.safetensors``, the file version cont
 
     python training/ship_prior.py training/brain-t1 brain-t1 [--guide FILE --guide-weight W]
     python training/ship_prior.py training/ct-whole ct
+    python training/ship_prior.py training/ct-native ct-native --coarse ct --coarse-from-sigma 0.2
 
+``--coarse`` stores a whole-image prior of the same images on a coarser grid in the shipped file
+(``mediff.denoiser.TwoScale``), used from ``--coarse-from-sigma`` up (benchmarks/two_scale.py).
 ``--guide`` stores a weaker model of the same data (a prior file or checkpoint, e.g. an earlier
 shipped version; the built-in name reads the currently shipped weights before they are replaced) in
 the shipped file for autoguidance, with ``--guide-weight`` as the default sampling weight.
@@ -26,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from mediff.prior import attach_guide  # noqa: E402
+from mediff.prior import attach_coarse, attach_guide  # noqa: E402
 from mediff.prior_meta import PriorMeta, read_prior_file  # noqa: E402
 from mediff.train import compact_checkpoint  # noqa: E402
 from ship_audit import audit_lines  # noqa: E402 - training/ is on sys.path when this script runs
@@ -78,9 +81,9 @@ CARDS = {
         "use": "Research use: the prior of sparse-view, limited-angle and low-dose CT reconstruction on a 512-px "
                "slice's own grid. Trained on 64- and 128-px crops only (Patch Diffusion with the crops' coordinates "
                "in the whole slice), never on whole slices: it denoises a slice tile by tile "
-               "(`EDMPrecond.tile`), and its samples have no whole-slice anatomy (`mediff sample` says so); the "
-               "data of a reconstruction supply the layout. Learnt from 63 slices of 34 patients: a small-data "
-               "prior, not validated for diagnosis.",
+               "(`EDMPrecond.tile`), and the whole-slice layout at high noise comes from the 128-px `ct` shipped "
+               "inside it (Two scales, above). Learnt from 63 slices of 34 patients: a small-data prior, not "
+               "validated for diagnosis.",
     },
 }
 
@@ -165,7 +168,29 @@ def guide_lines(meta: PriorMeta) -> list[str]:
     return lines
 
 
-def main(run: Path, name: str, guide: str | None, guide_weight: float) -> None:
+def coarse_lines(meta: PriorMeta) -> list[str]:
+    """The card's two-scale section: the coarse model and, if run on these weights, the crossover benchmark."""
+    c = meta.coarse
+    lines = ["## Two scales", "",
+             f"The file also holds a whole-image model on a {c.factor(meta)}x coarser grid ({c.image_size} px, step "
+             f"{c.step}; LeanUNet {c.net['channels']} channels). From sigma {c.from_sigma:g} up, the prior's estimate "
+             "takes its block means from that model (`mediff.denoiser.TwoScale`): the crops this prior learnt from "
+             "never showed it a whole slice, the coarse model did.", ""]
+    res = ROOT / "benchmarks" / "results" / "two_scale.json"
+    if res.exists():
+        d = json.loads(res.read_text())
+        if d["meta"]["step"] == meta.step and d["meta"]["coarse_step"] == c.step:
+            keys = list(d["rows"][0])
+            lines += ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
+            lines += ["| " + " | ".join(f"{r[k]:.2f}" if k != "sigma" else f"{r[k]:g}" for k in keys) + " |"
+                      for r in d["rows"]]
+            lines += ["", f"`python benchmarks/two_scale.py --model {d['meta']['model']}` (denoising PSNR, u units, "
+                          f"data range 1, {d['meta']['n_slices']} slices of the held-out patients).", ""]
+    return lines
+
+
+def main(run: Path, name: str, guide: str | None, guide_weight: float, coarse: str | None = None,
+         from_sigma: float = 0.2) -> None:
     weights = ROOT / "src" / "mediff" / "weights"
     weights.mkdir(parents=True, exist_ok=True)
     if guide is None:
@@ -173,6 +198,9 @@ def main(run: Path, name: str, guide: str | None, guide_weight: float) -> None:
     else:  # reads both files before it replaces the shipped one, so --guide NAME may be the shipped prior
         attach_guide(run / "prior.safetensors", guide, guide_weight, weights / f"{name}.safetensors")
         (weights / f"{name}.json").unlink(missing_ok=True)  # the sidecar is for runs, not for the package
+    if coarse is not None:  # reads the coarse model (e.g. the built-in ct) before writing the shipped file
+        attach_coarse(weights / f"{name}.safetensors", coarse, from_sigma, weights / f"{name}.safetensors")
+        (weights / f"{name}.json").unlink(missing_ok=True)
     compact = compact_checkpoint(run)
     meta = read_prior_file(weights / f"{name}.safetensors")[1]
     val = list(csv.DictReader(open(run / "val.csv"))) if (run / "val.csv").exists() else []
@@ -202,6 +230,7 @@ def main(run: Path, name: str, guide: str | None, guide_weight: float) -> None:
              f"A 2D diffusion prior (EDM preconditioning, LeanUNet {net['channels']} channels"
              + (", pixel coordinates as 2 extra inputs" if net.get("pos_channels") else "")
              + f", {size_mb:.1f} MB fp16 EMA weights" + (", guide model included" if meta.guide is not None else "")
+             + (", coarse whole-image model included" if meta.coarse is not None else "")
              + f") of {meta.image_size}-px {card['what']}, {units(meta)}.", "",
              "## Data and license", f"- Data: {card['data']}.", f"- License: {card['license']}.",
              f"- Training slices: {meta.data.n_train_slices}; validation slices: {meta.data.n_val_slices} "
@@ -224,6 +253,8 @@ def main(run: Path, name: str, guide: str | None, guide_weight: float) -> None:
     lines += benchmark_lines(name, run, meta)
     if meta.guide is not None:
         lines += guide_lines(meta)
+    if meta.coarse is not None:
+        lines += coarse_lines(meta)
     lines += audit_lines(name, meta)
     lines += ["## Intended use and limits", card["use"]]
     (weights / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -237,5 +268,9 @@ if __name__ == "__main__":
     ap.add_argument("name", choices=sorted(CARDS))
     ap.add_argument("--guide", help="guide model for autoguidance: a prior file, checkpoint or built-in name")
     ap.add_argument("--guide-weight", type=float, default=2.0)
+    ap.add_argument("--coarse", help="a whole-image prior on a coarser grid (file or built-in name, e.g. ct) to ship "
+                                     "inside it (mediff.prior.attach_coarse)")
+    ap.add_argument("--coarse-from-sigma", type=float, default=0.2,
+                    help="the noise level from which the coarse model is used (benchmarks/two_scale.py)")
     args = ap.parse_args()
-    main(args.run, args.name, args.guide, args.guide_weight)
+    main(args.run, args.name, args.guide, args.guide_weight, args.coarse, args.coarse_from_sigma)

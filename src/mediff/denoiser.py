@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from mediff.nets import coordinate_grid
 
@@ -103,6 +104,42 @@ def tile_edges(n: int, tile: int, multiple: int, sigma: float, axis: int) -> lis
     frac = (math.log(max(sigma, 1e-30)) * 1000.0 * (0.6180339887 + axis * 0.1415926536)) % 1.0
     o = choices[int(frac * len(choices)) % len(choices)]
     return sorted({0, n, *range(o, n, tile)})
+
+
+class TwoScale(nn.Module):
+    """A fine denoiser whose coarse content comes from a whole-image denoiser on a grid ``factor``
+    times coarser: D(x, s) = D_f(x, s) + up(D_c(down x, s / factor) - down D_f(x, s)) for s >= from_sigma,
+    D_f(x, s) below it.
+
+    Why: a prior trained on crops of a large image never sees the whole of it, so at high noise, where
+    the clean image's layout is what is unknown, it guesses the layout tile by tile. A prior of the whole
+    image on a coarser grid knows the layout. ``down`` averages factor x factor blocks, which turns white
+    noise of std s into white noise of std s / factor, so D_c(down x, s / factor) is that prior's
+    estimate of the block means of the clean image; the fine denoiser keeps what lies within the blocks
+    (``up``: bilinear, so the correction is as smooth as the coarse grid). At low noise the fine
+    denoiser's own block means are the better ones, hence ``from_sigma`` (chosen by measurement:
+    ``benchmarks/two_scale.py`` per noise level, then by reconstruction). If D_c's block means agree
+    with D_f's, D is D_f.
+    x (B, C, H, W) with H and W multiples of ``factor``; sigma (B,); ``cond`` goes to both.
+    """
+
+    def __init__(self, fine: nn.Module, coarse: nn.Module, factor: int, from_sigma: float) -> None:
+        super().__init__()
+        self.fine, self.coarse, self.factor, self.from_sigma = fine, coarse, int(factor), float(from_sigma)
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        sigma = sigma.to(x.dtype).reshape(-1).expand(x.shape[0])
+        fine = self.fine(x, sigma, cond)
+        use = sigma >= self.from_sigma
+        if not bool(use.any()):
+            return fine
+        if x.shape[-2] % self.factor or x.shape[-1] % self.factor:
+            raise ValueError(f"a two-scale denoiser needs image sides that are multiples of {self.factor}, "
+                             f"got {tuple(x.shape[-2:])}")
+        f = self.factor
+        delta = self.coarse(F.avg_pool2d(x, f), sigma / f, cond) - F.avg_pool2d(fine, f)
+        up = F.interpolate(delta, scale_factor=f, mode="bilinear", align_corners=False)
+        return fine + _bcast(use, x) * up
 
 
 class EpsAdapter(nn.Module):
@@ -213,5 +250,5 @@ def edm_sigma_range(sigma_data: float) -> tuple[float, float]:
     return 0.002 * sigma_data / 0.5, 80.0 * sigma_data / 0.5
 
 
-__all__ = ["Denoiser", "EDMPrecond", "tile_edges", "EpsAdapter", "GaussianDenoiser", "CFGDenoiser", "AutoGuidedDenoiser",
+__all__ = ["Denoiser", "EDMPrecond", "tile_edges", "TwoScale", "EpsAdapter", "GaussianDenoiser", "CFGDenoiser", "AutoGuidedDenoiser",
            "extrapolate", "linear_beta_alphas_cumprod", "edm_sigma_range"]

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mediff.checkpoint import prefixed, save_checkpoint, split_prefix
 from mediff.data import encode_row
-from mediff.denoiser import AutoGuidedDenoiser, CFGDenoiser, Denoiser, EDMPrecond
+from mediff.denoiser import AutoGuidedDenoiser, CFGDenoiser, Denoiser, EDMPrecond, TwoScale
 from mediff.errors import MediffError
 from mediff.nets import LeanUNet, UNetConfig
-from mediff.prior_meta import GuideMeta, PriorMeta, read_prior_file
+from mediff.prior_meta import CoarseMeta, GuideMeta, PriorMeta, read_prior_file
 from mediff.units import Normalization, normalize
 
 
@@ -37,10 +37,11 @@ class Prior:
 
     ``guide``, if the file ships one, is a weaker version of the same model for autoguidance
     (:class:`mediff.denoiser.AutoGuidedDenoiser`); ``meta.guide.weight`` is its default weight.
-    Reconstruction uses the prior alone.
+    Reconstruction uses the prior alone. ``model`` is the preconditioned network, or a
+    :class:`mediff.denoiser.TwoScale` of it and the coarse model the file ships (``meta.coarse``).
     """
 
-    def __init__(self, model: EDMPrecond, meta: PriorMeta, name: str, guide: "Prior | None" = None) -> None:
+    def __init__(self, model: nn.Module, meta: PriorMeta, name: str, guide: "Prior | None" = None) -> None:
         self.model, self.meta, self.name = model.eval().requires_grad_(False), meta, name
         self.guide = guide
 
@@ -125,10 +126,10 @@ class Prior:
         return AutoGuidedDenoiser(good, _conditioned(guide, cond, guidance), weight), weight
 
 
-def _check_same_data(meta: PriorMeta, guide_meta: PriorMeta, name: str, guide_name: str) -> None:
+def _check_same_data(meta: PriorMeta, guide_meta: PriorMeta, name: str, guide_name: str, what: str = "guide") -> None:
     if key := meta.data_mismatch(guide_meta):
-        raise MediffError(f"guide {guide_name} does not match prior {name}: different {key} "
-                          "(a guide is a weaker model of the same data)")
+        why = "a guide is a weaker model of the same data" if what == "guide" else "it models the same images"
+        raise MediffError(f"{what} {guide_name} does not match prior {name}: different {key} ({why})")
 
 
 def _conditioned(prior: Prior, cond: Tensor | None, guidance: float) -> Denoiser:
@@ -136,15 +137,24 @@ def _conditioned(prior: Prior, cond: Tensor | None, guidance: float) -> Denoiser
 
 
 def _weights(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The model's weights in a prior file (no guide) or a training checkpoint (its EMA)."""
-    return split_prefix(tensors, "ema") or {k: v for k, v in tensors.items() if not k.startswith("guide.")}
+    """The model's weights in a prior file (no guide or coarse model) or a training checkpoint (its EMA)."""
+    return split_prefix(tensors, "ema") or {k: v for k, v in tensors.items() if not k.startswith(("guide.", "coarse."))}
 
 
-def _build(state: dict[str, Tensor], meta: PriorMeta) -> EDMPrecond:
+def _build(state: dict[str, Tensor], meta: PriorMeta | CoarseMeta) -> EDMPrecond:
     cfg = UNetConfig.from_dict(meta.net)
     model = EDMPrecond(LeanUNet(cfg), meta.sigma_data, meta.data_mean, tile=meta.tile, tile_multiple=cfg.multiple)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model
+
+
+def _model(tensors: dict[str, Tensor], meta: PriorMeta) -> nn.Module:
+    """The prior's denoising network, two-scale if the file ships a coarse model."""
+    fine = _build(_weights(tensors), meta)
+    if meta.coarse is None:
+        return fine
+    return TwoScale(fine, _build(split_prefix(tensors, "coarse"), meta.coarse), meta.coarse.factor(meta),
+                    meta.coarse.from_sigma)
 
 
 def _resolve(name_or_path: str | Path) -> tuple[Path, dict[str, Path]]:
@@ -169,7 +179,7 @@ def load_prior(name_or_path: str | Path, device: torch.device | str = "cpu") -> 
     if meta.guide is not None:
         gmeta = meta.guide.as_prior(meta)
         guide = Prior(_build(split_prefix(tensors, "guide"), gmeta), gmeta, f"{name}:guide@{gmeta.step}")
-    return Prior(_build(_weights(tensors), meta), meta, name, guide).to(device)
+    return Prior(_model(tensors, meta), meta, name, guide).to(device)
 
 
 def attach_guide(prior: str | Path, guide: str | Path, weight: float, out: Path) -> None:
@@ -180,4 +190,31 @@ def attach_guide(prior: str | Path, guide: str | Path, weight: float, out: Path)
     (p_tensors, meta), (g_tensors, g_meta) = read_prior_file(p_path), read_prior_file(g_path)
     _check_same_data(meta, g_meta, p_path.stem, g_path.stem)
     meta = replace(meta, guide=GuideMeta.from_prior(g_meta, float(weight)))
-    save_checkpoint(out, {**_weights(p_tensors), **prefixed(_weights(g_tensors), "guide")}, meta.to_dict())
+    save_checkpoint(out, {**_weights(p_tensors), **_shipped(p_tensors, "coarse"), **prefixed(_weights(g_tensors), "guide")},
+                    meta.to_dict())
+
+
+def attach_coarse(prior: str | Path, coarse: str | Path, from_sigma: float, out: Path) -> None:
+    """Write ``out``: ``prior``'s weights (and its guide, if any) with ``coarse``'s as its coarse
+    whole-image model (:class:`mediff.denoiser.TwoScale`), used at noise levels >= ``from_sigma``.
+    ``coarse`` models the same images (normalisation, covariates) on a grid an integer factor >= 2
+    coarser (e.g. the 128-px ``ct`` for the 512-px ``ct-native``); MediffError otherwise."""
+    (p_path, _), (c_path, _) = _resolve(prior), _resolve(coarse)
+    (p_tensors, meta), (c_tensors, c_meta) = read_prior_file(p_path), read_prior_file(c_path)
+    if c_meta.coarse is not None:
+        raise MediffError(f"coarse model {c_path.stem} ships a coarse model of its own: attach a single-scale prior")
+    factor = meta.image_size // c_meta.image_size
+    if factor < 2 or factor * c_meta.image_size != meta.image_size:
+        raise MediffError(f"coarse model {c_path.stem} ({c_meta.image_size} px) is not an integer factor >= 2 coarser "
+                          f"than prior {p_path.stem} ({meta.image_size} px)")
+    _check_same_data(meta, replace(c_meta, image_size=meta.image_size), p_path.stem, c_path.stem, "coarse model")
+    if not from_sigma > 0:
+        raise MediffError(f"from_sigma must be > 0, got {from_sigma}")
+    meta = replace(meta, coarse=CoarseMeta.from_prior(c_meta, from_sigma))
+    save_checkpoint(out, {**_weights(p_tensors), **_shipped(p_tensors, "guide"), **prefixed(_weights(c_tensors), "coarse")},
+                    meta.to_dict())
+
+
+def _shipped(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The ``prefix.`` tensors of a file (its guide or coarse model), prefix kept."""
+    return {k: v for k, v in tensors.items() if k.startswith(prefix + ".")}

@@ -140,7 +140,7 @@ class GuideMeta:
         """This guide's metadata as a prior of its own: ``prior``'s (which ships it), with the
         guide's network, statistics and step."""
         return replace(prior, net=copy.deepcopy(self.net), sigma_data=self.sigma_data, data_mean=self.data_mean,
-                       step=self.step, images_seen=self.images_seen, guide=None)
+                       step=self.step, images_seen=self.images_seen, guide=None, coarse=None)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GuideMeta":
@@ -152,6 +152,56 @@ class GuideMeta:
         return {"net": copy.deepcopy(self.net), "sigma_data": self.sigma_data, "data_mean": self.data_mean,
                 "step": self.step, "images_seen": self.images_seen, "weight": self.weight,
                 **copy.deepcopy(self.extra)}
+
+
+@dataclass(frozen=True)
+class CoarseMeta:
+    """The whole-image prior on a coarser grid that a prior file may ship (key ``coarse``; its
+    weights are the ``coarse.`` tensors), for :class:`mediff.denoiser.TwoScale`: the coarse content of
+    the prior's estimates at noise levels from ``from_sigma`` up.
+
+    It models the same images (normalisation, covariates) at ``image_size`` = the prior's image size /
+    an integer factor, checked when it is attached.
+    net, sigma_data, data_mean, image_size, step, images_seen: as in :class:`PriorMeta`, of the coarse model.
+    tile: its ``PriorMeta.tile`` (None: it saw whole images).
+    from_sigma: the lowest noise level (normalised units, on the fine grid) at which it is used.
+    extra: keys this version does not know, kept as read.
+    """
+
+    net: dict[str, Any]
+    sigma_data: float
+    data_mean: float
+    image_size: int
+    step: int
+    images_seen: int
+    tile: int | None
+    from_sigma: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _KEYS = ("net", "sigma_data", "data_mean", "image_size", "step", "images_seen", "tile", "from_sigma")
+
+    @classmethod
+    def from_prior(cls, meta: "PriorMeta", from_sigma: float) -> "CoarseMeta":
+        """The coarse record of the model described by ``meta``, used from ``from_sigma`` up."""
+        return cls(copy.deepcopy(meta.net), meta.sigma_data, meta.data_mean, meta.image_size, meta.step,
+                   meta.images_seen, meta.tile, float(from_sigma))
+
+    def factor(self, prior: "PriorMeta") -> int:
+        """How many times finer ``prior``'s grid is than this model's."""
+        return prior.image_size // self.image_size
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CoarseMeta":
+        return cls(_get(d, "net", dict, "coarse."), _get(d, "sigma_data", float, "coarse."),
+                   _get(d, "data_mean", float, "coarse."), _get(d, "image_size", int, "coarse."),
+                   _get(d, "step", int, "coarse."), _get(d, "images_seen", int, "coarse."),
+                   _get(d, "tile", int, "coarse.", nullable=True), _get(d, "from_sigma", float, "coarse."),
+                   _extra(d, cls._KEYS))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"net": copy.deepcopy(self.net), "sigma_data": self.sigma_data, "data_mean": self.data_mean,
+                "image_size": self.image_size, "step": self.step, "images_seen": self.images_seen, "tile": self.tile,
+                "from_sigma": self.from_sigma, **copy.deepcopy(self.extra)}
 
 
 @dataclass(frozen=True)
@@ -181,6 +231,7 @@ class PriorMeta:
     compact: True for a compact resumable state (``train.compact_checkpoint``: 16-bit weights, no
         Adam first moments, so resuming is not bit-exact); the key is written only when true.
     guide: the autoguidance model the file ships (:class:`GuideMeta`), or None.
+    coarse: the coarser whole-image model the file ships (:class:`CoarseMeta`), or None.
     extra: keys this version does not know, kept as read and written back after the known ones.
     """
 
@@ -201,11 +252,12 @@ class PriorMeta:
     torch_version: str
     compact: bool = False
     guide: GuideMeta | None = None
+    coarse: CoarseMeta | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     _KEYS = ("format", "kind", "net", "sigma_data", "data_mean", "sigma_min", "sigma_max", "image_size",
              "normalization", "covariates", "data", "train", "step", "images_seen", "wall_seconds", "torch",
-             "compact", "guide")
+             "compact", "guide", "coarse")
 
     @property
     def is_hu(self) -> bool:
@@ -239,6 +291,7 @@ class PriorMeta:
         normalization = _get(d, "normalization", dict)
         _get(normalization, "kind", str, "normalization.")
         guide = None if "guide" not in d else GuideMeta.from_dict(_get(d, "guide", dict))
+        coarse = None if "coarse" not in d else CoarseMeta.from_dict(_get(d, "coarse", dict))
         return cls(
             kind=_get(d, "kind", str), net=_get(d, "net", dict), sigma_data=_get(d, "sigma_data", float),
             data_mean=_get(d, "data_mean", float), sigma_min=_get(d, "sigma_min", float),
@@ -247,7 +300,7 @@ class PriorMeta:
             data=DataMeta.from_dict(_get(d, "data", dict)), train=_get(d, "train", dict), step=_get(d, "step", int),
             images_seen=_get(d, "images_seen", int), wall_seconds=_get(d, "wall_seconds", float),
             torch_version=_get(d, "torch", str), compact="compact" in d and _get(d, "compact", bool),
-            guide=guide, extra=_extra(d, cls._KEYS))
+            guide=guide, coarse=coarse, extra=_extra(d, cls._KEYS))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON metadata (a new dict, sharing nothing with this object)."""
@@ -261,6 +314,8 @@ class PriorMeta:
             d["compact"] = True
         if self.guide is not None:
             d["guide"] = self.guide.to_dict()
+        if self.coarse is not None:
+            d["coarse"] = self.coarse.to_dict()
         return {**d, **copy.deepcopy(self.extra)}
 
 

@@ -69,8 +69,8 @@ def sample_images(model: str | Path, n: int = 16, steps: int = 50, sampler: str 
     meta = {"model": prior.name, "step": prior.meta.step, "sampler": sampler, "steps": steps,
             "nfe_per_image": nfe(sampler, steps), "seed": seed, "covariates": cov, "guidance": guidance,
             "autoguidance": auto, "units": units, "normalization": prior.meta.normalization}
-    if prior.model.tile is not None:  # it never saw more of an image than one crop
-        meta["note"] = (f"{prior.name} was trained on crops of at most {prior.model.tile} px, never on whole "
+    if prior.meta.tile is not None and prior.meta.coarse is None:  # it never saw more of an image than one crop
+        meta["note"] = (f"{prior.name} was trained on crops of at most {prior.meta.tile} px, never on whole "
                         f"{s}-px images: its samples are plausible tile by tile but have no whole-image anatomy; "
                         "it is a reconstruction prior (the data supply the layout)")
     return torch.cat(out).clamp_min(0), meta
