@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from mediff.errors import MediffError
@@ -24,7 +24,11 @@ def save_checkpoint(path: Path, tensors: dict[str, Tensor], meta: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, True, lambda tmp: save_file(contiguous, str(tmp), metadata={"mediff": json.dumps(meta)}))
+    # Serialised here and written by our atomic writer: safetensors' save_file writes through a temp
+    # file of its own (".tmpXXXXXX"), which a kill mid-save would leave behind where resume cannot
+    # tell it from a user's file.
+    data = save(contiguous, metadata={"mediff": json.dumps(meta)})
+    atomic_write(path, True, lambda tmp: tmp.write_bytes(data))
     atomic_write(path.with_suffix(".json"), True, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
 
 
