@@ -117,7 +117,7 @@ def benchmark_lines(name: str, run: Path, meta: PriorMeta) -> list[str]:
                             "prior). Shipped: the candidate with the higher DDS PSNR (the CLI's default solver), "
                             "denoising PSNR breaking ties. Samples of both (`mediff sample --n 8 --steps 24 --seed 0`): "
                             "`docs/ct-samples-whole.png`, `docs/ct-samples-patch.png`.", ""]
-    runs = [json.loads(f.read_text()) for f in sorted(res.glob("ct_native_*.json")) if not f.stem.endswith("_lambda")]
+    runs = [json.loads(f.read_text()) for f in sorted(res.glob("ct_native*.json")) if not f.stem.endswith("_lambda")]
     runs = [d for d in runs if meta.step in d["meta"].get("prior_step", {}).values()]
     if name == "ct-native" and runs:
         keys = ["task", "method", "grid", "NFE", "PSNR", "SSIM", "s_per_slice"]
@@ -186,6 +186,15 @@ def coarse_lines(meta: PriorMeta) -> list[str]:
                       for r in d["rows"]]
             lines += ["", f"`python benchmarks/two_scale.py --model {d['meta']['model']}` (denoising PSNR, u units, "
                           f"data range 1, {d['meta']['n_slices']} slices of the held-out patients).", ""]
+    rec = ROOT / "benchmarks" / "results" / "two_scale_recon.json"
+    if rec.exists():
+        d = json.loads(rec.read_text())
+        if d["meta"]["step"] == meta.step and d["meta"]["coarse_step"] == c.step:
+            lines += ["Reconstruction (DDS, 50 NFE, PSNR in the HU window [-1000, 1000] on the 512-px grid; `off`: the "
+                      "fine network alone):", "", "| task | from_sigma | PSNR | s_per_slice |", "|---|---|---|---|"]
+            lines += [f"| {r['task']} | {r['from_sigma']} | {r['PSNR']:.2f} | {r['s_per_slice']:.1f} |" for r in d["rows"]]
+            lines += ["", f"`python benchmarks/two_scale.py --model {d['meta']['model']} --recon-slices "
+                          f"{d['meta']['n_slices']}` (the first {d['meta']['n_slices']} held-out slices).", ""]
     return lines
 
 
