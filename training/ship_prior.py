@@ -25,6 +25,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -96,6 +97,17 @@ def units(meta: PriorMeta) -> str:
     return "with intensities normalised per slice (0 -> 0, 99.5th percentile -> 1)"
 
 
+def _cell(key: str, value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def md_table(rows: list[dict], keys: list[str], fmt: Callable[[str, object], str] = _cell) -> list[str]:
+    """Markdown table lines of ``rows`` in the columns ``keys``; ``fmt(key, value)`` writes a cell
+    (default: floats to 2 decimals)."""
+    return (["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
+            + ["| " + " | ".join(fmt(k, r[k]) for k in keys) + " |" for r in rows])
+
+
 def benchmark_lines(name: str, run: Path, meta: PriorMeta) -> list[str]:
     """The card's measured comparison with classical methods, if the benchmark ran on this step."""
     res = ROOT / "benchmarks" / "results"
@@ -107,9 +119,7 @@ def benchmark_lines(name: str, run: Path, meta: PriorMeta) -> list[str]:
             return []
         keys = [k for k in rows[0] if k not in ("candidate",)]
         lines = [f"## Candidates on the {d['meta']['n_slices']} slices of the {len(d['meta']['eval_patients'])} "
-                 "held-out patients", "", "| candidate | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        lines += ["| " + " | ".join([r["candidate"]] + [f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k])
-                                                         for k in keys]) + " |" for r in rows]
+                 "held-out patients", "", *md_table(rows, ["candidate", *keys])]
         cands = ",".join(f"{k}={v}" for k, v in d["meta"]["candidates"].items())
         solvers = ",".join(k.split("_")[0] for k in keys if k.endswith("v_PSNR") and not k.startswith("fbp"))
         return lines + ["", f"`python benchmarks/ct_prior.py --solvers {solvers} --candidates {cands}` (denoising PSNR "
@@ -122,9 +132,7 @@ def benchmark_lines(name: str, run: Path, meta: PriorMeta) -> list[str]:
     if name == "ct-native" and runs:
         keys = ["task", "method", "grid", "NFE", "PSNR", "SSIM", "s_per_slice"]
         lines = [f"## Reconstruction on the slices' own 512-px grid ({runs[0]['meta']['n_slices']} slices of "
-                 "held-out patients per task)", "", "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
-        lines += ["| " + " | ".join(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
-                  for d in runs for r in d["rows"]]
+                 "held-out patients per task)", "", *md_table([r for d in runs for r in d["rows"]], keys)]
         return lines + ["", f"`python benchmarks/ct.py --native --model {runs[0]['meta']['model']} ...` (README; "
                             "PSNR/SSIM in the HU window [-1000, 1000] on each slice's own grid, against the slice; "
                             "grid: the method's working grid).", ""]
@@ -156,9 +164,7 @@ def guide_lines(meta: PriorMeta) -> list[str]:
         d = json.loads(res.read_text())
         if d["meta"]["step"] == meta.step and d["meta"]["guide_step"] == g.step:
             keys = [k for k in d["rows"][0] if k not in ("s_per_image",)]
-            lines += ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
-            lines += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
-                      for r in d["rows"]]
+            lines += md_table(d["rows"], keys, lambda k, v: f"{v:.3f}" if isinstance(v, float) else str(v))
             m = d["meta"]
             lines += ["", f"`python benchmarks/autoguidance.py --n {m['n']}` ({m['n']} samples per row, {m['sampler']} "
                           f"{m['steps']} steps, seed {m['seed']}, against real slices of the held-out subjects; "
@@ -180,10 +186,7 @@ def coarse_lines(meta: PriorMeta) -> list[str]:
     if res.exists():
         d = json.loads(res.read_text())
         if d["meta"]["step"] == meta.step and d["meta"]["coarse_step"] == c.step:
-            keys = list(d["rows"][0])
-            lines += ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
-            lines += ["| " + " | ".join(f"{r[k]:.2f}" if k != "sigma" else f"{r[k]:g}" for k in keys) + " |"
-                      for r in d["rows"]]
+            lines += md_table(d["rows"], list(d["rows"][0]), lambda k, v: f"{v:g}" if k == "sigma" else f"{v:.2f}")
             lines += ["", f"`python benchmarks/two_scale.py --model {d['meta']['model']}` (denoising PSNR, u units, "
                           f"data range 1, {d['meta']['n_slices']} slices of the held-out patients).", ""]
     rec = ROOT / "benchmarks" / "results" / "two_scale_recon.json"
@@ -191,8 +194,9 @@ def coarse_lines(meta: PriorMeta) -> list[str]:
         d = json.loads(rec.read_text())
         if d["meta"]["step"] == meta.step and d["meta"]["coarse_step"] == c.step:
             lines += ["Reconstruction (DDS, 50 NFE, PSNR in the HU window [-1000, 1000] on the 512-px grid; `off`: the "
-                      "fine network alone):", "", "| task | from_sigma | PSNR | s_per_slice |", "|---|---|---|---|"]
-            lines += [f"| {r['task']} | {r['from_sigma']} | {r['PSNR']:.2f} | {r['s_per_slice']:.1f} |" for r in d["rows"]]
+                      "fine network alone):", "",
+                      *md_table(d["rows"], ["task", "from_sigma", "PSNR", "s_per_slice"],
+                                lambda k, v: f"{v:.1f}" if k == "s_per_slice" else _cell(k, v))]
             lines += ["", f"`python benchmarks/two_scale.py --model {d['meta']['model']} --recon-slices "
                           f"{d['meta']['n_slices']}` (the first {d['meta']['n_slices']} held-out slices).", ""]
     return lines
