@@ -136,9 +136,21 @@ def _conditioned(prior: Prior, cond: Tensor | None, guidance: float) -> Denoiser
     return prior if cond is None else CFGDenoiser(prior.model, cond.to(prior.device), guidance)
 
 
+PARTS = ("guide", "coarse")  # the other models a prior file may ship, under these tensor prefixes
+
+
 def _weights(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The model's weights in a prior file (no guide or coarse model) or a training checkpoint (its EMA)."""
-    return split_prefix(tensors, "ema") or {k: v for k, v in tensors.items() if not k.startswith(("guide.", "coarse."))}
+    """The model's weights in a prior file (none of its PARTS) or a training checkpoint (its EMA)."""
+    return split_prefix(tensors, "ema") or {k: v for k, v in tensors.items()
+                                            if not k.startswith(tuple(f"{p}." for p in PARTS))}
+
+
+def _with_part(prior: dict[str, Tensor], part: str, model: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A prior file's tensors with its ``part`` (one of PARTS) set to ``model``'s weights (a prior file or
+    checkpoint); the prior's other parts are kept."""
+    others = tuple(f"{p}." for p in PARTS if p != part)
+    return {**_weights(prior), **{k: v for k, v in prior.items() if k.startswith(others)},
+            **prefixed(_weights(model), part)}
 
 
 def _build(state: dict[str, Tensor], meta: PriorMeta | CoarseMeta) -> EDMPrecond:
@@ -190,8 +202,7 @@ def attach_guide(prior: str | Path, guide: str | Path, weight: float, out: Path)
     (p_tensors, meta), (g_tensors, g_meta) = read_prior_file(p_path), read_prior_file(g_path)
     _check_same_data(meta, g_meta, p_path.stem, g_path.stem)
     meta = replace(meta, guide=GuideMeta.from_prior(g_meta, float(weight)))
-    save_checkpoint(out, {**_weights(p_tensors), **_shipped(p_tensors, "coarse"), **prefixed(_weights(g_tensors), "guide")},
-                    meta.to_dict())
+    save_checkpoint(out, _with_part(p_tensors, "guide", g_tensors), meta.to_dict())
 
 
 def attach_coarse(prior: str | Path, coarse: str | Path, from_sigma: float, out: Path) -> None:
@@ -211,10 +222,5 @@ def attach_coarse(prior: str | Path, coarse: str | Path, from_sigma: float, out:
     if not from_sigma > 0:
         raise MediffError(f"from_sigma must be > 0, got {from_sigma}")
     meta = replace(meta, coarse=CoarseMeta.from_prior(c_meta, from_sigma))
-    save_checkpoint(out, {**_weights(p_tensors), **_shipped(p_tensors, "guide"), **prefixed(_weights(c_tensors), "coarse")},
-                    meta.to_dict())
+    save_checkpoint(out, _with_part(p_tensors, "coarse", c_tensors), meta.to_dict())
 
-
-def _shipped(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """The ``prefix.`` tensors of a file (its guide or coarse model), prefix kept."""
-    return {k: v for k, v in tensors.items() if k.startswith(prefix + ".")}
