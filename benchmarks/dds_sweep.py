@@ -28,7 +28,7 @@ from ct import load_slices, make_task, tuning_patients
 from mri import TUNE_SEED, forward_seconds, split_subjects
 from mediff.prior import load_prior
 from mediff.recon import MRIOptions, run_solver, simulate_mri
-from mediff.recon.ct import FINE_GRID, hu_window
+from mediff.recon.ct import hu_window
 from mediff.recon.policy import BASELINE_LAMBDA, DDS_CG_ITERS
 from mediff.solvers import SOLVERS, SolverSpec
 
@@ -60,8 +60,8 @@ def main() -> None:
     if args.ct_slices:
         ct = load_prior(args.ct_model)
         hu_range = hu_window(ct.meta.normalization, ct.name)
-        lam_file = RESULTS / "ct_lambda.json"  # TV weights tuned on the 128-px grid
-        ct_lams = json.loads(lam_file.read_text())["lambda"] if lam_file.exists() and ct.image_size <= FINE_GRID else {}
+        lam_file = RESULTS / "ct_lambda.json"  # TV weights tuned on the 128-px grid (family "ct")
+        ct_lams = json.loads(lam_file.read_text())["lambda"] if lam_file.exists() else {}
         patients = sorted(ct.meta.data.val_subjects)
         if args.tuning:
             all_ids = np.load(args.data / "ct_tcga" / "ct_hu_512.npz")["patient_id"].astype(str).tolist()
@@ -70,7 +70,8 @@ def main() -> None:
         for name in [t for t in args.ct_tasks.split(",") if t]:
             tasks = [make_task(hu, px, ct.image_size, CT_TASKS[name], i, hu_range)
                      for i, (_, hu, px) in enumerate(slices)]
-            rows += _rows(f"CT {name}", tasks, methods, ct, args.steps, {"tv": ct_lams.get(name)}, args.samples)
+            tv = ct_lams.get(name) if tasks[0].family == "ct" else None  # None: the policy's weight for the grid
+            rows += _rows(f"CT {name}", tasks, methods, ct, args.steps, {"tv": tv}, args.samples)
 
     if args.mri_slices:
         mri = load_prior(args.mri_model)

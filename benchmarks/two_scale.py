@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from torch.nn import functional as F
-
 import numpy as np
+import torch
 
 from common import machine, write_table
 from ct import TASKS, load_slices, make_task
@@ -52,14 +50,14 @@ def main() -> None:
     if args.recon_slices:
         return reconstruct(prior, args)
     two = prior.model
-    f, both = two.factor, TwoScale(two.fine, two.coarse, two.factor, 0.0)
+    both = TwoScale(two.fine, two.coarse, two.factor, 0.0)
     patients = sorted(prior.meta.data.val_subjects)
     slices = load_slices(args.data, patients, None)
     size = prior.image_size
     clean = torch.stack([prior.normalize(fit_hu(hu, size, px)[0])[0] for _, hu, px in slices]).clamp_min(0)[:, None]
     gen = torch.Generator().manual_seed(0)
-    columns = {"fine": two.fine, "coarse_upsampled": lambda x, s: F.interpolate(
-        two.coarse(F.avg_pool2d(x, f), s / f), scale_factor=f, mode="bilinear", align_corners=False), "two_scale": both}
+    columns = {"fine": two.fine, "coarse_upsampled": lambda x, s: two.up(two.coarse(two.down(x), s / two.factor)),
+               "two_scale": both}
     rows = []
     for s in SIGMAS:
         noisy = clean + s * torch.randn(clean.shape, generator=gen)
@@ -72,7 +70,7 @@ def main() -> None:
         rows.append(row)
     better = [r["sigma"] for r in rows if r["two_scale_PSNR"] > r["fine_PSNR"]]
     write_table(args.name, rows, {**machine(), "model": args.model, "step": prior.meta.step,
-                                  "coarse_step": prior.meta.coarse.step, "factor": f,
+                                  "coarse_step": prior.meta.coarse.step, "factor": two.factor,
                                   "shipped_from_sigma": two.from_sigma, "eval_patients": patients,
                                   "n_slices": len(slices), "two_scale_better_at": better,
                                   "metric": "denoising PSNR, u units, data range 1"})

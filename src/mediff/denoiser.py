@@ -136,10 +136,16 @@ class TwoScale(nn.Module):
         if x.shape[-2] % self.factor or x.shape[-1] % self.factor:
             raise ValueError(f"a two-scale denoiser needs image sides that are multiples of {self.factor}, "
                              f"got {tuple(x.shape[-2:])}")
-        f = self.factor
-        delta = self.coarse(F.avg_pool2d(x, f), sigma / f, cond) - F.avg_pool2d(fine, f)
-        up = F.interpolate(delta, scale_factor=f, mode="bilinear", align_corners=False)
-        return fine + _bcast(use, x) * up
+        delta = self.coarse(self.down(x), sigma / self.factor, cond) - self.down(fine)
+        return fine + _bcast(use, x) * self.up(delta)
+
+    def down(self, x: Tensor) -> Tensor:
+        """Means of factor x factor blocks: (B, C, H, W) -> (B, C, H / factor, W / factor)."""
+        return F.avg_pool2d(x, self.factor)
+
+    def up(self, z: Tensor) -> Tensor:
+        """Bilinear upsampling by ``factor``, the inverse direction of ``down``."""
+        return F.interpolate(z, scale_factor=self.factor, mode="bilinear", align_corners=False)
 
 
 class EpsAdapter(nn.Module):
