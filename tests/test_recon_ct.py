@@ -410,6 +410,39 @@ def test_low_dose_weights_whiten_the_poisson_noise() -> None:
     assert noiseless.weights is None and noiseless.data()[0] is noiseless.op
 
 
+def test_low_dose_solvers_get_the_weighted_normal_diagonal(monkeypatch) -> None:
+    """Low dose: the solvers' CG is preconditioned by A^T W A 1 (``CTTask.normal_diagonal``), which is
+    lowest where rays cross the body and highest at the edge where they cross air. Noiseless data:
+    no diagonal (plain CG). ``run_batch`` hands the diagonal of each task to the solver."""
+    from types import SimpleNamespace
+
+    from mediff.recon import CTOptions, simulate_ct
+    from mediff.recon.run import run_batch
+
+    hu, air, water, _ = regions(N)
+    hu = np.where(hu > -1000, hu + 1000.0, hu)
+    task = simulate_ct(hu, CTOptions(views=60, dose=1e4), seed=0, pixel_size_mm=PX)
+    diag = task.normal_diagonal()
+    full = task.solver_operator().normal(torch.ones(1, 1, N, N))
+    assert diag.shape == (1, 1, N, N) and float(diag.min()) > 0
+    torch.testing.assert_close(diag, full.clamp_min(1e-3 * float(full.max())))
+    body, rim = torch.from_numpy(water), torch.from_numpy(air)
+    assert float(diag[0, 0][body].mean()) < 0.5 * float(diag[0, 0][rim].mean())
+    assert simulate_ct(hu, CTOptions(views=60), pixel_size_mm=PX).normal_diagonal() is None
+
+    seen = []
+
+    def fake_solve(den, prob, shape, *args, **kwargs):
+        seen.append(prob.diagonal)
+        return torch.zeros(shape), 2
+
+    monkeypatch.setattr("mediff.recon.run.solve", fake_solve)
+    prior = SimpleNamespace(meta=SimpleNamespace(sigma_data=0.5), sigma_min=0.002, sigma_max=80.0)
+    run_batch([task, task], "dds", prior, steps=2, samples=3)
+    assert seen[0].shape == (6, 1, N, N)
+    torch.testing.assert_close(seen[0], diag.expand(6, 1, N, N))
+
+
 @pytest.mark.slow
 def test_shipped_ct_prior_on_a_held_out_patient_dicom(ct_dir: Path, tmp_path: Path) -> None:
     """``mediff reconstruct --model ct`` on a real CT slice (written as DICOM in HU) of a patient the

@@ -38,7 +38,7 @@ over-confident in the range of A (tests/test_solvers.py measures by how much on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Callable
 
@@ -56,11 +56,15 @@ from mediff.schedules import karras
 class Problem:
     """Measurements ``y`` of ``op`` with noise std ``noise_sigma`` (same units as y, per real entry
     of a real y or per complex entry of a complex y): one std for every item, or one per item (B,),
-    so that problems with different noise levels (the slices of a volume) can share a batch."""
+    so that problems with different noise levels (the slices of a volume) can share a batch.
+    ``diagonal``: where A^H A's diagonal varies over the image (weighted least squares, whose weights
+    span orders of magnitude), CG's steps go to that scaling first; dividing the residual by
+    diagonal + lam (Jacobi) removes it. None: plain CG."""
 
     op: LinearOperator
     y: Tensor
     noise_sigma: float | Tensor = 0.0
+    diagonal: Tensor | None = None  # positive (B or 1, 1, H, W) ~ diag(A^H A): Jacobi-preconditioned CG
 
     @cached_property
     def aty(self) -> Tensor:
@@ -90,10 +94,13 @@ def _item(v: Tensor, like: Tensor) -> Tensor:
 
 
 def prox_data_consistency(problem: Problem, d: Tensor, lam: Tensor, iters: int) -> Tensor:
-    """CG on (A^H A + lam I) z = A^H y + lam d from z = d: ``iters`` steps (lam (B,), 0 = projection)."""
-    op = problem.op
+    """CG on (A^H A + lam I) z = A^H y + lam d from z = d: ``iters`` steps (lam (B,), 0 = projection),
+    Jacobi-preconditioned by ``problem.diagonal`` when given."""
+    op, diag = problem.op, problem.diagonal
     lam_b = _item(lam, d).to(d.dtype)
-    return conjugate_gradient(lambda z: op.normal(z) + lam_b * z, problem.aty + lam_b * d, d, iters)
+    precondition = None if diag is None else (lambda r: r / (diag.to(r.real.dtype) + lam_b.real))
+    return conjugate_gradient(lambda z: op.normal(z) + lam_b * z, problem.aty + lam_b * d, d, iters,
+                              precondition=precondition)
 
 
 def _posterior_prox(problem: Problem, d: Tensor, sigma: Tensor, sigma_data: float,
@@ -175,7 +182,7 @@ def measurement_projection(problem: Problem, generator: torch.Generator | None, 
             return torch.where(_item(noisy, x), x, projected)
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         y_s = problem.y + sigma * problem.op.A(z)
-        return prox_data_consistency(Problem(problem.op, y_s), x, noise_var / sigma**2, cg_iters)
+        return prox_data_consistency(replace(problem, y=y_s, noise_sigma=0.0), x, noise_var / sigma**2, cg_iters)
 
     return project
 

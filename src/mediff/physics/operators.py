@@ -212,35 +212,42 @@ def adjoint_check(op: LinearOperator, x: Tensor, generator: torch.Generator | No
 
 
 def conjugate_gradient(
-    normal: Callable[[Tensor], Tensor], rhs: Tensor, x0: Tensor, iters: int, tol: float = 0.0
+    normal: Callable[[Tensor], Tensor], rhs: Tensor, x0: Tensor, iters: int, tol: float = 0.0,
+    precondition: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Solve normal(x) = rhs for a Hermitian positive (semi-)definite ``normal``, batched per item.
 
     Runs at most ``iters`` iterations from ``x0``. An item stops updating once its residual is below
     max(tol, 10 eps) * ||rhs|| (eps of the dtype): past that point round-off, not information, would
-    set the step. Shared by DDS/DDNM data consistency and the compressed-sensing baselines.
+    set the step. ``precondition``: M^-1, a Hermitian positive definite approximation of normal's
+    inverse (preconditioned CG; None: plain CG). Shared by DDS/DDNM data consistency and the
+    compressed-sensing baselines.
     """
     x = x0
     r = rhs - normal(x)
-    p = r
-    rs = inner(r, r).real
-    eps = torch.finfo(rs.dtype).eps
+    z = r if precondition is None else precondition(r)
+    p = z
+    rz = inner(r, z).real
+    rr = rz if precondition is None else inner(r, r).real
+    eps = torch.finfo(rz.dtype).eps
     stop = (max(tol, 10 * eps) ** 2) * inner(rhs, rhs).real
     shape = (-1,) + (1,) * (x.dim() - 1)
     for _ in range(iters):
-        active = rs > stop
+        active = rr > stop
         if not bool(active.any()):
             break
         ap = normal(p)
         denom = inner(p, ap).real
         ok = active & (denom > 0)
-        # An item that stopped (or met non-positive curvature) takes alpha = beta = 0 and rs = 0: frozen.
+        # An item that stopped (or met non-positive curvature) takes alpha = beta = 0 and rz = 0: frozen.
         # Fused multiply-adds and scalar wheres: the loop runs inside every solver step, where each
         # elementwise op on a 128-px image costs about as much as its arithmetic.
-        alpha = (torch.where(ok, rs, 0) / torch.where(ok, denom, 1)).view(shape).to(x.dtype)
+        alpha = (torch.where(ok, rz, 0) / torch.where(ok, denom, 1)).view(shape).to(x.dtype)
         x = torch.addcmul(x, alpha, p)
         r = torch.addcmul(r, alpha, ap, value=-1)
-        rs_new = torch.where(ok, inner(r, r).real, 0)
-        p = torch.addcmul(r, (rs_new / torch.where(ok, rs, 1)).view(shape).to(r.dtype), p)
-        rs = rs_new
+        z = r if precondition is None else precondition(r)
+        rz_new = torch.where(ok, inner(r, z).real, 0)
+        rr = rz_new if precondition is None else torch.where(ok, inner(r, r).real, 0)
+        p = torch.addcmul(z, (rz_new / torch.where(ok, rz, 1)).view(shape).to(z.dtype), p)
+        rz = rz_new
     return x

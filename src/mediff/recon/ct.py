@@ -197,6 +197,17 @@ class CTTask(Task):
             return self.op, self.y
         return Weighted(self.op, self.weights), self.weights * self.y
 
+    def normal_diagonal(self) -> Tensor | None:
+        """With per-bin weights (low dose), A^T W A 1: for a non-negative A it bounds the diagonal
+        sum_i w_i a_ij^2 from above (the separable-quadratic-surrogate diagonal), and it follows the
+        weights, which fall by orders of magnitude on rays through bone and a thick body. Floored at
+        1e-3 of its maximum, so pixels no ray sees are not divided by ~0. Unweighted data: None (the
+        projector's own diagonal is flat inside the field of view)."""
+        if self.weights is None:
+            return None
+        d = self.solver_operator().normal(torch.ones(1, 1, *self.shape))
+        return d.clamp_min(1e-3 * float(d.max()))
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.op.n, self.op.n

@@ -82,8 +82,10 @@ def run_batch(tasks: list[Task], method: str, prior, steps: int = 50, seed: int 
     sigmas = {t.noise_sigma for t in tasks}
     noise = first.noise_sigma if len(sigmas) == 1 else \
         torch.tensor([t.noise_sigma for t in tasks], dtype=torch.float64).repeat_interleave(samples)
+    diags = [t.normal_diagonal() for t in tasks]
+    diag = None if any(d is None for d in diags) else torch.cat([d.expand(samples, *d.shape[1:]) for d in diags])
     gen = torch.Generator().manual_seed(seed)
-    x, n = solve(prior, Problem(op, y, noise), (len(tasks) * samples, 1, *first.shape), method,
+    x, n = solve(prior, Problem(op, y, noise, diag), (len(tasks) * samples, 1, *first.shape), method,
                  steps=steps, sigma_data=prior.meta.sigma_data, sigma_min=prior.sigma_min,
                  sigma_max=prior.sigma_max, generator=gen, callback=progress,
                  cg_iters=policy.cg_iters(first.family, method) if cg_iters is None else cg_iters)

@@ -65,6 +65,12 @@ class Task:
         """The operator the diffusion solvers invert: from a real image (B, 1, H, W) to ``data()[1]``."""
         return self.data()[0]
 
+    def normal_diagonal(self) -> Tensor | None:
+        """A positive (1, 1, H, W) approximation of the diagonal of the solver operator's normal
+        A^H A, which preconditions the solvers' CG steps (``solvers.Problem.diagonal``), or None
+        where that diagonal is flat and plain CG is as good."""
+        return None
+
     @property
     def shape(self) -> tuple[int, int]:
         """Working-grid image shape (H, W)."""
