@@ -333,7 +333,7 @@ def test_a_scan_at_another_pixel_size_than_the_prior_learnt_is_flagged(tiny_prio
                            tiny_priors["native"], "--solver", "dds", "--steps", 1, "--views", 30, "--compare", "")
     assert code == 0, err
     notes = json.loads((out / "metrics.json").read_text())["notes"]
-    assert any("learnt from 1.5-1.5 mm pixels" in n and "3x the size" in n for n in notes), notes
+    assert any("learnt from 1.5 mm pixels" in n and "3x the size" in n for n in notes), notes
 
 
 @pytest.mark.parametrize("case, needle", [("nan", "NaN"), ("mr", "Hounsfield"), ("sino", "sinogram must have shape"),
@@ -410,10 +410,11 @@ def test_low_dose_weights_whiten_the_poisson_noise() -> None:
     assert noiseless.weights is None and noiseless.data()[0] is noiseless.op
 
 
-def test_low_dose_solvers_get_the_weighted_normal_diagonal(monkeypatch) -> None:
+def test_low_dose_solvers_and_tv_follow_the_weighted_projector(monkeypatch) -> None:
     """Low dose: the solvers' CG is preconditioned by A^T W A 1 (``CTTask.normal_diagonal``), which is
     lowest where rays cross the body and highest at the edge where they cross air. Noiseless data:
-    no diagonal (plain CG). ``run_batch`` hands the diagonal of each task to the solver."""
+    no diagonal (plain CG). ``run_batch`` hands the diagonal of each task to the solver, and TV
+    gets the projector's row and column sums for PDHG's per-entry steps."""
     from types import SimpleNamespace
 
     from mediff.recon import CTOptions, simulate_ct
@@ -441,6 +442,18 @@ def test_low_dose_solvers_get_the_weighted_normal_diagonal(monkeypatch) -> None:
     run_batch([task, task], "dds", prior, steps=2, samples=3)
     assert seen[0].shape == (6, 1, N, N)
     torch.testing.assert_close(seen[0], diag.expand(6, 1, N, N))
+
+    # TV takes PDHG's per-entry steps from the weighted projector's row and column sums.
+    from mediff import baselines
+
+    sums = []
+    monkeypatch.setattr(baselines, "tv_reconstruct", lambda *a, abs_sums=None, **k: (sums.append(abs_sums), a[2])[1])
+    task.baseline("tv", None)
+    op, y = task.data()
+    torch.testing.assert_close(sums[0][0], op.A(torch.ones(1, 1, N, N)))
+    torch.testing.assert_close(sums[0][1], op.AH(torch.ones_like(y)))
+    simulate_ct(hu, CTOptions(views=60), pixel_size_mm=PX).baseline("tv", None)
+    assert sums[1] is None
 
 
 @pytest.mark.slow

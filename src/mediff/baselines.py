@@ -194,6 +194,7 @@ def tv_reconstruct(
     *,
     a_norm: float | Tensor | None = None,
     norm_iters: int = 30,
+    abs_sums: tuple[Tensor, Tensor] | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """TV-regularised reconstruction min_x ½||Ax − y||² + lam · TV(x) by PDHG (Chambolle–Pock 2011).
@@ -204,9 +205,17 @@ def tv_reconstruct(
     a_norm: known ||A|| (scalar or (B,)); otherwise estimated per item with ``op_norm(norm_iters)``.
     callback(k, x) is called after every iteration k = 1..iters. Returns x shaped like Aᴴ y.
 
-    PDHG on K = [A; ∇] with F(u, g) = ½||u − y||² + lam ||g||_{2,1}, G = 0. To balance the two blocks
-    for operators with ||A|| far from 1 (CT), A and y are divided by s = ||A|| and lam by s² (same
-    minimiser); then ||K||² ≤ L² = ||A/s||² + 8 = 9, and tau = sigma = 0.99 / L gives tau·sigma·L² < 1.
+    PDHG on K = [A; ∇] with F(u, g) = ½||u − y||² + lam ||g||_{2,1}, G = 0. Step sizes, one of two ways:
+
+    - scalar (default): to balance the two blocks for operators with ||A|| far from 1 (CT), A and y
+      are divided by s = ||A|| and lam by s² (same minimiser); then ||K||² ≤ L² = ||A/s||² + 8 = 9,
+      and tau = sigma = 0.99 / L gives tau·sigma·L² < 1.
+    - diagonal (``abs_sums`` = (row sums of |A|, like y; column sums of |A|, like x), for an A with
+      known entry magnitudes, e.g. a non-negative projector: (A 1, Aᴴ 1)): sigma_i = 1 / Σ_j |K_ij|,
+      tau_j = 1 / Σ_i |K_ij| (Pock & Chambolle 2011, "Diagonal preconditioning for first order
+      primal-dual algorithms", alpha = 1; ∇'s rows sum to 2 and its columns to 4), times 0.99.
+      Where the rows of A differ by orders of magnitude (weighted least squares), one scalar step is
+      set by the heaviest rows and is far too small for the rest; per-entry steps are not.
     """
     if lam < 0:
         raise MediffError(f"lam must be >= 0, got {lam}")
@@ -215,29 +224,39 @@ def tv_reconstruct(
     if x.dim() < 3:
         raise MediffError(f"tv_reconstruct needs images with two spatial dims (B, ..., H, W), got {tuple(x.shape)}")
     rdt = x.real.dtype
-    if a_norm is None:
-        s = op_norm(op, x, norm_iters) * _NORM_SAFETY
+    tiny = torch.finfo(rdt).tiny
+    if abs_sums is not None:
+        rows, cols = (v.real.to(rdt) for v in abs_sums)
+        s_y = torch.ones((), dtype=rdt, device=x.device)
+        s_x = s_y
+        y_s = y
+        lam_s = torch.full((x.shape[0],) + (1,) * (x.dim() - 1), float(lam), dtype=rdt, device=x.device)
+        sigma_p = 0.99 / rows.clamp_min(1e-6 * float(rows.max()))
+        sigma_q, tau = 0.99 / 2.0, 0.99 / (cols + 4.0)
     else:
-        s = torch.as_tensor(a_norm, dtype=rdt, device=x.device).expand(x.shape[0]).clone()
-    s = s.to(rdt).clamp_min(torch.finfo(rdt).tiny)
-    s_y = _bview(s, y).to(y.dtype)
-    y_s = y / s_y
-    lam_s = _bview(lam / s**2, x)  # per-item TV weight of the rescaled problem, broadcast on (B, ...)
-    step = 0.99 / math.sqrt(1.0 + 8.0)  # tau = sigma; (tau·sigma)·9 = 0.98 < 1
-    tau = sigma = step
+        if a_norm is None:
+            s = op_norm(op, x, norm_iters) * _NORM_SAFETY
+        else:
+            s = torch.as_tensor(a_norm, dtype=rdt, device=x.device).expand(x.shape[0]).clone()
+        s = s.to(rdt).clamp_min(tiny)
+        s_y, s_x = _bview(s, y).to(y.dtype), _bview(s, x).to(x.dtype)
+        y_s = y / s_y
+        lam_s = _bview(lam / s**2, x)  # per-item TV weight of the rescaled problem, broadcast on (B, ...)
+        step = 0.99 / math.sqrt(1.0 + 8.0)  # tau = sigma; (tau·sigma)·9 = 0.98 < 1
+        sigma_p = sigma_q = tau = step
 
     p = torch.zeros_like(y_s)  # dual of the data block
     q = torch.zeros((2,) + tuple(x.shape), dtype=x.dtype, device=x.device)  # dual of the gradient block
     x_bar = x
     for k in range(1, iters + 1):
-        # Dual ascent. prox of (σ F1)* for F1 = ½||· − y||²: (p − σ y) / (1 + σ).
-        p = (p + sigma * (op.A(x_bar) / s_y - y_s)) / (1.0 + sigma)
+        # Dual ascent. prox of (σ F1)* for F1 = ½||· − y||² (σ per entry): (p − σ y) / (1 + σ).
+        p = (p + sigma_p * (op.A(x_bar) / s_y - y_s)) / (1.0 + sigma_p)
         # prox of (σ F2)* for F2 = lam||·||_{2,1}: pointwise projection onto the ball |q| ≤ lam
         # (lam = 0 projects to q = 0 via the tiny clamp, leaving plain least squares).
-        q = q + sigma * grad2d(x_bar)
-        q = q / torch.clamp(_pointwise_mag(q) / lam_s.clamp_min(torch.finfo(rdt).tiny), min=1.0)
+        q = q + sigma_q * grad2d(x_bar)
+        q = q / torch.clamp(_pointwise_mag(q) / lam_s.clamp_min(tiny), min=1.0)
         # Primal descent with Kᴴ(p, q) = Aᴴp / s − div q; G = 0 so no primal prox.
-        x_new = x - tau * (op.AH(p) / _bview(s, x).to(x.dtype) - div2d(q))
+        x_new = x - tau * (op.AH(p) / s_x - div2d(q))
         x_bar = 2 * x_new - x  # over-relaxation theta = 1
         x = x_new
         if callback is not None:

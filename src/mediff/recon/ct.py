@@ -230,11 +230,17 @@ class CTTask(Task):
         x0 = fbp(self.op, self.y)
         if method == "fbp":
             return x0
-        # TV: the weight is relative to ||A||^2 (policy.BASELINE_LAMBDA), started at FBP; PWLS for low dose.
-        lam = policy.BASELINE_LAMBDA[self.family][method] if lam is None else lam
+        # TV: the weight is relative to ||A||^2 (policy.BASELINE_LAMBDA), started at FBP; PWLS for low dose,
+        # whose bin weights span orders of magnitude: PDHG then takes per-entry steps from the row and
+        # column sums of the (non-negative) weighted projector, or the heaviest rays would set one step
+        # for all and it would not converge in BASELINE_ITERS.
+        key = self.family if self.weights is None else f"{self.family}-pwls"
+        lam = policy.BASELINE_LAMBDA[key][method] if lam is None else lam
         op, y = self.data()
         s = float(baselines.op_norm(op, x0, 30)[0]) * 1.01
-        return baselines.tv_reconstruct(op, y, lam * s * s, iters=policy.BASELINE_ITERS["ct"], x0=x0, a_norm=s)
+        sums = None if self.weights is None else (op.A(torch.ones_like(x0)), op.AH(torch.ones_like(y)))
+        return baselines.tv_reconstruct(op, y, lam * s * s, iters=policy.BASELINE_ITERS["ct"], x0=x0, a_norm=s,
+                                        abs_sums=sums)
 
     def scored(self, image: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, float]:
         """Both in HU clipped to the window and measured from its lower end (air = 0): data_range is the
