@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +95,26 @@ def test_ct_denoises_held_out_patients(ct_dir: Path) -> None:
         den = prior(noisy, torch.full((len(x0),), 0.1))
     gain = 10 * torch.log10(((noisy - x0) ** 2).mean() / ((den - x0) ** 2).mean())
     assert gain > 5.0, f"denoising gain {gain:.2f} dB"
+
+
+def test_brain_t1_records_its_pixel_size_and_reconstruct_warns_on_another(tmp_path: Path) -> None:
+    """brain-t1 learnt 2 mm pixels (its card and metadata say so). A 128-px scan of 0.5 mm pixels
+    (a 64 mm field of view) shows anatomy at 4x that size: the reconstruction says so in its notes;
+    a 2 mm scan gets no such warning."""
+    from mediff import io
+
+    prior = mediff.load_prior("brain-t1")
+    assert prior.meta.data.pixel_spacing_mm == (2.0, 2.0)
+    assert "Pixel size on the prior's grid: 2 mm" in builtin_priors()["brain-t1"].with_suffix(".md").read_text()
+    img = np.zeros((128, 128), np.float32)
+    img[24:104, 32:96] = 100.0
+    notes = {}
+    for px in (0.5, 2.0):
+        io.write_nifti(tmp_path / f"s{px}.nii.gz", img, np.diag([px, px, 2.0, 1.0]))
+        out = tmp_path / f"o{px}"
+        code, _, err = run_cli("reconstruct", "--model", "brain-t1", "--input", tmp_path / f"s{px}.nii.gz", "--out", out,
+                               "--steps", 2, "--accel", 4)
+        assert code == 0, err
+        notes[px] = " ".join(json.loads((out / "metrics.json").read_text())["notes"])
+    assert "pixel is 0.5 mm, but brain-t1 learnt from 2 mm" in notes[0.5] and "4x the size" in notes[0.5]
+    assert "learnt from" not in notes[2.0]

@@ -24,7 +24,7 @@ PY=${PY:-python3}
 # timeout stops the run mid-step; checkpoints are atomic, so the last one is whole.
 timeout --signal=TERM "${MINUTES}m" "$PY" -m mediff train --data gpu_carry/ixi_t1_axial_128.npz \
   --covariates gpu_carry/participants.csv --out "$RUN" --size 128 --batch "$BATCH" --steps 10000000 \
-  --val-subjects 20 --checkpoint-every "${CKPT:-250}" --val-every "${VAL:-1000}" --no-progress --device "${DEVICE:-cuda}"
+  --val-subjects 20 --pixel-spacing 2 --checkpoint-every "${CKPT:-250}" --val-every "${VAL:-1000}" --no-progress --device "${DEVICE:-cuda}"
 echo "train exit $? (124 = stopped by the time limit)"
 "$PY" -c "from pathlib import Path; from mediff.train import compact_checkpoint; compact_checkpoint(Path('$RUN'))" || exit 1
 split -b 15M "$RUN/resume.safetensors" "$OUT/resume.safetensors.part-"

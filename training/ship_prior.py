@@ -44,7 +44,7 @@ CARDS = {
         "command": "{env}training/train_brain_t1.sh  # = mediff train "
                    "--data ../shared/data/ixi_t1/ixi_t1_axial_128.npz "
                    "--covariates ../shared/data/ixi_t1/participants.csv --out training/{run} --size 128 "
-                   "--batch 16 --steps {steps} --val-subjects 20 --decay-steps {decay} [--resume]",
+                   "--batch 16 --steps {steps} --val-subjects 20 --pixel-spacing 2 --decay-steps {decay} [--resume]",
         "what": "axial brain T1 slices",
         "use": "Research use: synthesis of brain T1 slices and as the prior of MRI reconstruction. Trained on one site "
                "(Philips 3T, healthy adults); not validated for diagnosis, pathology, other contrasts or paediatric "
@@ -250,6 +250,9 @@ def main(run: Path, name: str, guide: str | None, guide_weight: float, coarse: s
              f"from {len(meta.data.val_subjects)} held-out subjects (split by subject): "
              f"{', '.join(meta.data.val_subjects)}.",
              f"- Data fingerprint: `{meta.data.fingerprint}`.",
+             *([f"- Pixel size on the prior's grid: {'-'.join(f'{v:g}' for v in sorted(set(sp)))} mm "
+                "(`mediff reconstruct` warns when a scan's working pixel lies outside it by more than 1.25x)."]
+               if (sp := meta.data.pixel_spacing_mm) else []),
              "- Covariates: " + (", ".join(meta.covariates["columns"]) + " (classifier-free guidance, 10 % dropout)"
                                  if meta.covariates else "none"), "",
              "## Training", f"- Command: `{command}`", schedule,
