@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from mediff.prior import attach_coarse, attach_guide  # noqa: E402
-from mediff.prior_meta import PriorMeta, read_prior_file  # noqa: E402
+from mediff.prior_meta import PriorMeta, read_prior_file, spacing_text  # noqa: E402
+from mediff.recon.job import SCALE_TOLERANCE  # noqa: E402
 from mediff.train import compact_checkpoint  # noqa: E402
 from ship_audit import audit_lines  # noqa: E402 - training/ is on sys.path when this script runs
 
@@ -250,9 +251,9 @@ def main(run: Path, name: str, guide: str | None, guide_weight: float, coarse: s
              f"from {len(meta.data.val_subjects)} held-out subjects (split by subject): "
              f"{', '.join(meta.data.val_subjects)}.",
              f"- Data fingerprint: `{meta.data.fingerprint}`.",
-             *([f"- Pixel size on the prior's grid: {'-'.join(f'{v:g}' for v in sorted(set(sp)))} mm "
-                "(`mediff reconstruct` warns when a scan's working pixel lies outside it by more than 1.25x)."]
-               if (sp := meta.data.pixel_spacing_mm) else []),
+             *([f"- Pixel size on the prior's grid: {spacing_text(meta.data.pixel_spacing_mm)} mm (`mediff "
+                f"reconstruct` warns when a scan's working pixel lies outside it by more than {SCALE_TOLERANCE:g}x)."]
+               if meta.data.pixel_spacing_mm else []),
              "- Covariates: " + (", ".join(meta.covariates["columns"]) + " (classifier-free guidance, 10 % dropout)"
                                  if meta.covariates else "none"), "",
              "## Training", f"- Command: `{command}`", schedule,

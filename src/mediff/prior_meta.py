@@ -59,6 +59,12 @@ def crop_tile(patch_sizes: Sequence[int], full_prob: float) -> int | None:
     return int(max(patch_sizes)) if patch_sizes and full_prob == 0.0 else None
 
 
+def spacing_text(spacing: tuple[float, float]) -> str:
+    """A (smallest, largest) pixel size in mm as text: one value when they agree to 3 digits, else a range."""
+    lo, hi = (f"{v:.3g}" for v in spacing)
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
 @dataclass(frozen=True)
 class DataMeta:
     """The training data (key ``data``), recorded so a run can tell its own data from other data.

@@ -98,7 +98,8 @@ def prox_data_consistency(problem: Problem, d: Tensor, lam: Tensor, iters: int) 
     Jacobi-preconditioned by ``problem.diagonal`` when given."""
     op, diag = problem.op, problem.diagonal
     lam_b = _item(lam, d).to(d.dtype)
-    precondition = None if diag is None else (lambda r: r / (diag.to(r.real.dtype) + lam_b.real))
+    m = None if diag is None else diag.to(d.real.dtype) + lam_b.real  # once per prox, not per CG step
+    precondition = None if m is None else (lambda r: r / m)
     return conjugate_gradient(lambda z: op.normal(z) + lam_b * z, problem.aty + lam_b * d, d, iters,
                               precondition=precondition)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from mediff import io, metrics
 from mediff.errors import MediffError
+from mediff.prior_meta import spacing_text
 from mediff.recon.ct import ct_source
 from mediff.recon.mri import mri_source
 from mediff.recon.options import ReconRequest
@@ -96,8 +97,7 @@ def scale_note(pixel_mm: float | None, trained: tuple[float, float] | None, name
     if lo / SCALE_TOLERANCE <= pixel_mm <= hi * SCALE_TOLERANCE:
         return None
     size = lo / pixel_mm if pixel_mm < lo else hi / pixel_mm
-    learnt = f"{lo:.3g}" if f"{lo:.3g}" == f"{hi:.3g}" else f"{lo:.3g}-{hi:.3g}"
-    return (f"warning: the working grid's pixel is {pixel_mm:.3g} mm, but {name} learnt from {learnt} mm "
+    return (f"warning: the working grid's pixel is {pixel_mm:.3g} mm, but {name} learnt from {spacing_text(trained)} mm "
             f"pixels: anatomy appears at {size:.2g}x the size it learnt, so the prior may not fit this scan")
 
 
