@@ -327,6 +327,23 @@ def test_compact_checkpoint_resumes_close_to_exact(tmp_path: Path) -> None:
     assert models_differ(mid, tb)
 
 
+def test_prior_from_the_compact_state_is_the_prior_training_wrote(tmp_path: Path) -> None:
+    """A fresh clone keeps only resume.safetensors: the prior derived from it is, tensor for tensor, the
+    fp16 EMA prior that training wrote, and its metadata is a prior's (not compact)."""
+    from mediff.train import compact_checkpoint, prior_from_compact
+
+    data, _ = make_npz(tmp_path)
+    run = tmp_path / "r"
+    assert run_cli("train", "--out", run, "--steps", 2, "--data", data, "--val-subjects", 1, *TINY)[0] == 0
+    compact_checkpoint(run)
+    written = load_checkpoint(run / "prior.safetensors")
+    for name in ("prior.safetensors", "prior.json", "checkpoint.safetensors"):
+        (run / name).unlink()
+    derived = load_checkpoint(prior_from_compact(run))
+    assert_tensors_equal(derived[0], written[0])
+    assert not derived[1].get("compact") and derived[1]["step"] == written[1]["step"] == 2
+
+
 def test_resume_a_checkpoint_from_before_pos_channels(tmp_path: Path) -> None:
     """A checkpoint whose net config predates ``pos_channels`` (e.g. the committed brain-t1 run) resumes."""
     from mediff.checkpoint import save_checkpoint

@@ -5,6 +5,9 @@ the run's compact resumable state (``resume.safetensors``, the file version cont
     python training/ship_prior.py training/ct-whole ct
     python training/ship_prior.py training/ct-native ct-native --coarse ct --coarse-from-sigma 0.2
 
+A fresh clone has only the compact state: then the prior is its EMA (``mediff.train.prior_from_compact``,
+the same fp16 weights training wrote) and the compact state is kept as it is.
+
 ``--coarse`` stores a whole-image prior of the same images on a coarser grid in the shipped file
 (``mediff.denoiser.TwoScale``), used from ``--coarse-from-sigma`` up (benchmarks/two_scale.py).
 ``--guide`` stores a weaker model of the same data (a prior file or checkpoint, e.g. an earlier
@@ -33,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from mediff.prior import attach_coarse, attach_guide  # noqa: E402
 from mediff.prior_meta import PriorMeta, read_prior_file, spacing_text  # noqa: E402
 from mediff.recon.job import SCALE_TOLERANCE  # noqa: E402
-from mediff.train import compact_checkpoint  # noqa: E402
+from mediff.train import COMPACT_NAME, compact_checkpoint, prior_from_compact  # noqa: E402
 from ship_audit import audit_lines  # noqa: E402 - training/ is on sys.path when this script runs
 
 CARDS = {
@@ -207,6 +210,9 @@ def main(run: Path, name: str, guide: str | None, guide_weight: float, coarse: s
          from_sigma: float = 0.2) -> None:
     weights = ROOT / "src" / "mediff" / "weights"
     weights.mkdir(parents=True, exist_ok=True)
+    fresh = not (run / "checkpoint.safetensors").exists()  # a fresh clone keeps only the compact state
+    if fresh:
+        prior_from_compact(run)
     if guide is None:
         shutil.copyfile(run / "prior.safetensors", weights / f"{name}.safetensors")
     else:  # reads both files before it replaces the shipped one, so --guide NAME may be the shipped prior
@@ -215,7 +221,7 @@ def main(run: Path, name: str, guide: str | None, guide_weight: float, coarse: s
     if coarse is not None:  # reads the coarse model (e.g. the built-in ct) before writing the shipped file
         attach_coarse(weights / f"{name}.safetensors", coarse, from_sigma, weights / f"{name}.safetensors")
         (weights / f"{name}.json").unlink(missing_ok=True)
-    compact = compact_checkpoint(run)
+    compact = run / COMPACT_NAME if fresh else compact_checkpoint(run)
     meta = read_prior_file(weights / f"{name}.safetensors")[1]
     val = list(csv.DictReader(open(run / "val.csv"))) if (run / "val.csv").exists() else []
     last = [r for r in val if r["step"] == val[-1]["step"]] if val else []

@@ -373,6 +373,16 @@ def compact_checkpoint(run: Path) -> Path:
     return path
 
 
+def prior_from_compact(run: Path) -> Path:
+    """Write ``run/prior.safetensors`` (the shippable fp16 EMA weights) from the compact state
+    ``run/resume.safetensors``: a fresh clone holds only the compact state, and its EMA is already
+    fp16, so the result is the prior that training wrote at that step."""
+    tensors, meta = read_prior_file(run / COMPACT_NAME)
+    path = run / "prior.safetensors"
+    save_checkpoint(path, split_prefix(tensors, "ema"), replace(meta, compact=False).to_dict())
+    return path
+
+
 def plot_validation(csv_path: Path, png_path: Path) -> None:
     """Validation PSNR vs images seen, one line per sigma."""
     import matplotlib
