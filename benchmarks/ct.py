@@ -26,6 +26,7 @@ tuning patients at 512 px over ``--lambda-grid``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -52,25 +53,36 @@ N_TUNE_PATIENTS = 3
 
 def tuning_patients(all_ids: list[str], eval_ids: list[str], n: int) -> list[str]:
     """The last ``n`` sorted patient ids outside the evaluation set: where weights and settings are
-    chosen (patients the prior trained on: the only other real CT slices there are)."""
-    ids = [p for p in sorted(all_ids) if p not in set(eval_ids)][-n:]
+    chosen (patients the prior trained on: the only other real CT slices there are). ``all_ids`` may
+    repeat a patient (one id per slice): each counts once."""
+    ids = [p for p in sorted(set(all_ids)) if p not in set(eval_ids)][-n:]
     assert not set(ids) & set(eval_ids)
     return ids
 
 
 def load_slices(data: Path, patients: list[str], n: int | None) -> list[tuple[str, np.ndarray, float]]:
     """Up to ``n`` (all if None) slices (patient, HU (512, 512), pixel mm) of ``patients``, one per
-    patient in turn so the slices spread over patients."""
+    patient in turn so the slices spread over patients. A slice whose pixels equal an earlier one's
+    is dropped: the TCGA-LUAD set holds 5 such pairs (two series files, one image), and a copy would
+    count one image twice in a mean."""
     d = np.load(data / "ct_hu_512.npz")
-    ids = d["patient_id"].astype(str)
-    per = {p: np.flatnonzero(ids == p).tolist() for p in patients}
+    ids, hu = d["patient_id"].astype(str), d["hu"]
+    seen: set[bytes] = set()
+    per: dict[str, list[int]] = {}
+    for p in patients:
+        per[p] = []
+        for i in np.flatnonzero(ids == p).tolist():
+            key = hashlib.sha1(hu[i].tobytes()).digest()
+            if key not in seen:
+                seen.add(key)
+                per[p].append(i)
     order = []
     while any(per.values()):
         for p in patients:
             if per[p]:
                 order.append(per[p].pop(0))
     order = order if n is None else order[:n]
-    return [(ids[i], d["hu"][i].astype(np.float32), float(d["pixel_spacing_mm"][i])) for i in order]
+    return [(ids[i], hu[i].astype(np.float32), float(d["pixel_spacing_mm"][i])) for i in order]
 
 
 def make_task(hu: np.ndarray, px: float, size: int | None, spec: tuple, seed: int, hu_range: tuple[float, float],
