@@ -135,7 +135,8 @@ def benchmark_lines(name: str, run: Path, meta: PriorMeta) -> list[str]:
     runs = [d for d in runs if meta.step in d["meta"].get("prior_step", {}).values()]
     if name == "ct-native" and runs:
         keys = ["task", "method", "grid", "NFE", "PSNR", "SSIM", "s_per_slice"]
-        lines = [f"## Reconstruction on the slices' own 512-px grid ({runs[0]['meta']['n_slices']} slices of "
+        ns = sorted({d["meta"]["n_slices"] for d in runs})
+        lines = [f"## Reconstruction on the slices' own 512-px grid ({ns[0]}{f'-{ns[-1]}' if len(ns) > 1 else ''} slices of "
                  "held-out patients per task)", "", *md_table([r for d in runs for r in d["rows"]], keys)]
         return lines + ["", f"`python benchmarks/ct.py --native --model {runs[0]['meta']['model']} ...` (README; "
                             "PSNR/SSIM in the HU window [-1000, 1000] on each slice's own grid, against the slice; "
