@@ -66,7 +66,7 @@ def load_slices(data: Path, patients: list[str], n: int | None) -> list[tuple[st
     is dropped: the TCGA-LUAD set holds 5 such pairs (two series files, one image), and a copy would
     count one image twice in a mean."""
     d = np.load(data / "ct_hu_512.npz")
-    ids, hu = d["patient_id"].astype(str), d["hu"]
+    ids, hu, px = d["patient_id"].astype(str), d["hu"], d["pixel_spacing_mm"]
     seen: set[bytes] = set()
     per: dict[str, list[int]] = {}
     for p in patients:
@@ -82,7 +82,7 @@ def load_slices(data: Path, patients: list[str], n: int | None) -> list[tuple[st
             if per[p]:
                 order.append(per[p].pop(0))
     order = order if n is None else order[:n]
-    return [(ids[i], hu[i].astype(np.float32), float(d["pixel_spacing_mm"][i])) for i in order]
+    return [(ids[i], hu[i].astype(np.float32), float(px[i])) for i in order]
 
 
 def make_task(hu: np.ndarray, px: float, size: int | None, spec: tuple, seed: int, hu_range: tuple[float, float],
